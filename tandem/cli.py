@@ -1,0 +1,84 @@
+"""`tandem generate | convert` (serve, route and bench arrive with their issues)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tandem.config import add_engine_args
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--sampling-seed", type=int, default=None, help="seed of this request")
+    p.add_argument("--stop", action="append", default=None)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tandem.config import EngineConfig
+    from tandem.engine.engine import LLMEngine
+    from tandem.engine.sampling_params import SamplingParams
+    from tandem.loader.tokenizer import render_chat
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.sampling_seed,
+                            stop=args.stop)
+    engine = LLMEngine(EngineConfig.from_args(args))  # after the cheap checks above
+    prompt = args.prompt
+    if args.chat:
+        _, prompt = render_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tandem.loader.gguf import convert_gguf
+
+    convert_gguf(args.src, args.dest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    conv = sub.add_parser("convert", help="convert a GGUF file into an HF checkpoint folder")
+    conv.add_argument("src")
+    conv.add_argument("dest")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""LLMEngine: validate and add requests, then step(): schedule, run the model, emit outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig
+
+from tandem.config import EngineConfig
+from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.kv_cache import KVCacheManager
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tandem.engine.request import Request, RequestStatus
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.scheduler import Scheduler
+from tandem.engine.stats import EngineStats
+from tandem.loader.model_path import resolve_model
+from tandem.loader.tokenizer import eos_token_ids, load_tokenizer
+
+
+@dataclass
+class _Child:
+    req: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        folder = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(folder)
+        self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
+        self.tokenizer = load_tokenizer(folder)
+        self.eos_token_ids = eos_token_ids(folder, self.hf_config, self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+        self.runner = ModelRunner(config, self.hf_config, folder)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                 config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.max_model_len)
+        self.parents: dict[str, _Parent] = {}
+        self.children: dict[str, tuple[_Parent, _Child]] = {}
+        self.stats = EngineStats()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt: token id {t!r} is outside the vocabulary "
+                                 f"(size {self.vocab_size})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None, cache_salt: str | None = None,
+                    prompt_text: str | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        params.validate()
+        params.check_vocab(self.vocab_size)
+        if request_id in self.parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        self.check_length(len(ids), params.max_tokens)
+        parent = _Parent(request_id, prompt if isinstance(prompt, str) else prompt_text, ids)
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            req = Request(f"{i}:{request_id}", ids, params, self.eos_token_ids, cache_salt, seed)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings,
+                                           params.skip_special_tokens)
+            child = _Child(req, detok, [] if params.logprobs is not None else None)
+            parent.children.append(child)
+            self.children[req.request_id] = (parent, child)
+            self.scheduler.add(req)
+        self.parents[request_id] = parent
+
+    def check_length(self, num_prompt: int, max_tokens: int) -> None:
+        limit = self.max_model_len
+        if num_prompt + max_tokens > limit:
+            raise ValueError(
+                f"max_tokens: this model's maximum context length is {limit} tokens, but "
+                f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
+                f"{max_tokens} for the completion)")
+        if num_prompt + max_tokens > self.kv_capacity_tokens:
+            raise ValueError(f"max_tokens: prompt + max_tokens ({num_prompt + max_tokens}) "
+                             f"exceeds the KV cache capacity of {self.kv_capacity_tokens} tokens")
+
+    def abort_request(self, request_id: str) -> bool:
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return False
+        for child in parent.children:
+            if self.scheduler.abort(child.req.request_id):
+                self.stats.on_finish(child.req)
+            del self.children[child.req.request_id]
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        reqs, result = self.runner.execute(sched)
+        sampled = dict(zip((r.request_id for r in reqs), result.token_ids)) if result else {}
+        self.scheduler.update(sched, sampled)
+        touched: dict[str, _Parent] = {}
+        for i, req in enumerate(reqs):
+            parent, child = self.children[req.request_id]
+            token = result.token_ids[i]
+            self.stats.on_token(req)
+            if child.logprobs is not None:
+                child.logprobs.append(self._logprobs(token, result.logprobs[i]))
+                child.cumulative_logprob += result.logprobs[i][0]
+            check = req.num_output_tokens >= req.params.min_tokens
+            stop = child.detok.add(token, check_stop=check)
+            if stop is not None:
+                req.stop_reason = stop
+                if req.finished:  # also hit a length limit: the stop string explains the end
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.finished:
+                self.stats.on_finish(req)
+            touched[parent.request_id] = parent
+        outputs = [self._output(p) for p in touched.values()]
+        for out in outputs:
+            if out.finished:
+                for child in self.parents.pop(out.request_id).children:
+                    del self.children[child.req.request_id]
+        return outputs
+
+    def _logprobs(self, token: int, lp) -> dict[int, Logprob]:
+        chosen, rank, top_ids, top_lps = lp
+        decode = self.tokenizer.decode
+        d = {token: Logprob(chosen, rank, decode([token]))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            d.setdefault(t, Logprob(v, r, decode([t])))
+        return d
+
+    @staticmethod
+    def _output(parent: _Parent) -> RequestOutput:
+        outs = []
+        for i, c in enumerate(parent.children):
+            r = c.req
+            outs.append(CompletionOutput(
+                i, c.detok.output_text(r.finished), r.output_token_ids,
+                c.cumulative_logprob if c.logprobs is not None else None,
+                c.logprobs, r.status.value if r.finished else None, r.stop_reason))
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
+                             all(c.req.finished for c in parent.children),
+                             max(0, parent.children[0].req.num_cached_tokens))
+
+
+def _max_model_len(hf_config, requested: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    # Mistral's sliding window is not implemented: cap the context where it would start.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, window)
+    if requested is not None and requested > limit:
+        raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit}")
+    return requested or limit
+

@@ -1,0 +1,123 @@
+"""One token budget per step: running requests first, then prefill chunks of waiting ones."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tandem.engine.kv_cache import KVCacheManager
+from tandem.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens each request computes this step
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int):
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up at admission
+        self.prefix_cache_hits = 0  # of those, tokens found cached
+
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out, budget = SchedulerOutput(), self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                # Recompute preemption of the newest running request frees its blocks.
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is req:
+                    break
+            else:
+                out.requests.append(req)
+                out.num_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            break
+        # Admitting new work while evicting running work would only thrash.
+        while (not out.num_preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            computed = self.kv.get_computed_blocks(req)
+            num_hit = len(computed) * self.kv.block_size
+            n = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, n, computed):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_tokens.append(n)
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free_request(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled ones; returns the requests that got a token."""
+        updated = []
+        for req, n in zip(out.requests, out.num_tokens):
+            req.num_computed_tokens += n
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_token(token)
+            updated.append(req)
+            if req.check_stop(self.max_model_len):
+                self.finish(req, req.status)
+        return updated
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        if req.request_id not in self.requests:
+            return
+        req.status = status
+        del self.requests[req.request_id]
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free_request(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True

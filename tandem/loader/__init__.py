@@ -1,0 +1,1 @@
+"""Weights and tokenizers: resolve a model argument to an HF checkpoint folder."""

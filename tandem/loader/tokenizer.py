@@ -1,0 +1,42 @@
+"""Tokenizer, chat template and stop tokens of a checkpoint folder."""
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def eos_token_ids(folder: str, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends generation: the config's, generation_config's and the tokenizer's."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(config, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            add(json.load(f).get("eos_token_id"))
+    return frozenset(ids)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """The chat template's text and ids; the template already holds any BOS token."""
+    if not messages:
+        raise ValueError("messages: must not be empty")
+    if tokenizer.chat_template is None:
+        raise ValueError("messages: this model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
