@@ -114,11 +114,13 @@ def tandem_single(llm: LLM, prompt: list[int], new: int) -> tuple[float, float]:
 # ---- HF transformers -------------------------------------------------------------------------
 
 def hf_generate(model, prompts: list[list[int]], new: int) -> torch.Tensor:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=new, min_new_tokens=new,
                          pad_token_id=model.config.pad_token_id or 0)
     assert out.shape == (len(prompts), ids.shape[1] + new), tuple(out.shape)
+    if out.is_cuda:
+        torch.cuda.synchronize()  # timings must include the queued kernels
     return out[:, ids.shape[1]:]
 
 
@@ -158,7 +160,8 @@ def machine() -> dict[str, str]:
     return {"cpu": model_name, "cores": str(os.cpu_count()),
             "flags": " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": str(torch.get_num_threads())}
+            "python": platform.python_version(), "threads": str(torch.get_num_threads()),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 
 
 def median(xs: list[float]) -> float:
@@ -211,6 +214,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2",
                    help="HF checkpoint folder, a .gguf file, or the alias 'smollm2'")
     p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto, for both engines")
     p.add_argument("--runs", type=int, default=None,
                    help="timed runs of each measurement (default 3, or 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="a tiny config to smoke-test the script")
@@ -236,9 +240,10 @@ def main() -> None:
     per_round = cfg.num_prompts + 1
     prompts = Prompts(prompt_windows(load_tokenizer(folder), cfg.prompt_len,
                                      per_round * (args.runs + 1)))
-    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory="2GiB",
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory="2GiB",
               max_num_seqs=cfg.num_prompts)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[args.dtype])
+    hf.to(llm.engine.runner.device)
     hf.eval()
     print(f"loaded both engines in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 

@@ -13,7 +13,7 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D].
+        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [KVH, num_blocks, block_size, D].
         Returns [T, H, D]."""
 
 

@@ -20,7 +20,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]: where each new token's K/V is written
     num_decode: int = 0  # the flat batch starts with this many one-token decodes
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks], padded
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size]
+    decode_mask: torch.Tensor | None = None  # [1, num_decode, 1, max_blocks * block_size]
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 

@@ -33,8 +33,8 @@ class ModelRunner:
                              f"{self.bytes_per_block} bytes")
         a = self.attn_layers[0]
         # Zeroed, not empty: padded gathers read unused blocks, and NaN garbage survives masking.
-        self.kv_cache = torch.zeros(2, len(self.attn_layers), self.num_blocks, self.block_size,
-                                    a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(2, len(self.attn_layers), a.num_kv_heads, self.num_blocks,
+                                    self.block_size, a.head_dim, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -78,7 +78,7 @@ class ModelRunner:
                                                      for t in decode_tables], device=dev)
             lens = torch.tensor(decode_lens, device=dev)
             meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :]
-                                < lens[:, None])[:, None, None, :]
+                                < lens[:, None])[None, :, None, :]
         ids = torch.tensor(input_ids, device=dev)
         return ids, torch.tensor(positions, device=dev), meta, sample_rows, sample_reqs
 

@@ -1,0 +1,84 @@
+"""Correctness of the engine on a GPU against HF transformers on the same device and weights.
+
+Greedy tokens for 8 prompts of mixed lengths, run as one continuous batch, must equal HF's
+per-prompt greedy `generate`; again with a KV cache small enough to preempt and with a token
+budget small enough to chunk every prefill. Also reports the max |logit| difference of one
+prefill. Run on a machine with CUDA (no test here needs one):
+
+    python benchmarks/cuda_check.py --model DIR [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+import torch
+import transformers
+
+from tandem import LLM, SamplingParams
+from tandem.config import DTYPES
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    dtype, dev = DTYPES[args.dtype], torch.device(args.device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist()
+               for n in (1, 5, 17, 33, 64, 100, 150, 200)]
+    with torch.inference_mode():
+        ref = [hf.generate(torch.tensor([ids], device=dev), do_sample=False,
+                           max_new_tokens=args.new, min_new_tokens=args.new,
+                           pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
+        hf_logits = hf(torch.tensor([prompts[-1]], device=dev)).logits[0, -1].float()
+    params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
+    failures = 0
+    for name in ("default", "preempt", "chunked"):
+        if name == "preempt":
+            llm = _small_kv_llm(args, prompts)
+        else:
+            llm = LLM(model=args.model, dtype=args.dtype, device=args.device,
+                      kv_cache_memory="4GiB",
+                      max_num_batched_tokens=24 if name == "chunked" else 2048)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        got = [o.outputs[0].token_ids for o in outs]
+        agree = sum(a == b for a, b in zip(got, ref))
+        tok = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b))
+        pre = llm.engine.scheduler.num_preemptions
+        print(f"{name}: {agree}/{len(ref)} prompts identical, {tok}/{len(ref) * args.new} "
+              f"tokens; preemptions={pre}; free blocks back: "
+              f"{llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks}")
+        failures += agree != len(ref)
+        engine = llm.engine
+        if name == "default":
+            engine.add_request("logits", prompts[-1], SamplingParams(temperature=0, max_tokens=1))
+            _, logits = engine.runner.forward_logits(engine.scheduler.schedule())
+            print(f"prefill max |logit diff| vs HF: "
+                  f"{(logits[0].float() - hf_logits).abs().max().item():.2e}")
+            engine.abort_request("logits")
+        del llm, engine
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print("CUDA CHECK", "PASSED" if not failures else f"FAILED ({failures} variants differ)")
+    return 1 if failures else 0
+
+
+def _small_kv_llm(args, prompts) -> LLM:
+    probe = LLM(model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory="16MiB")
+    per_block = probe.engine.runner.bytes_per_block
+    del probe
+    # Room for the longest request and a little more: the batch must preempt to finish.
+    blocks = (max(map(len, prompts)) + args.new) // 16 + 2
+    return LLM(model=args.model, dtype=args.dtype, device=args.device,
+               kv_cache_memory=blocks * per_block)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
