@@ -60,6 +60,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
+            if not _is_utf8(prompt):
+                raise ValueError("prompt: is not valid Unicode text (lone surrogate)")
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
@@ -82,15 +84,15 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         self.check_length(len(ids), params.max_tokens)
         parent = _Parent(request_id, prompt if isinstance(prompt, str) else prompt_text, ids)
-        for i in range(params.n):
+        for i in range(params.n):  # build every child before registering any
             seed = None if params.seed is None else params.seed + i
             req = Request(f"{i}:{request_id}", ids, params, self.eos_token_ids, cache_salt, seed)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings,
                                            params.skip_special_tokens)
-            child = _Child(req, detok, [] if params.logprobs is not None else None)
-            parent.children.append(child)
-            self.children[req.request_id] = (parent, child)
-            self.scheduler.add(req)
+            parent.children.append(_Child(req, detok, [] if params.logprobs is not None else None))
+        for child in parent.children:
+            self.children[child.req.request_id] = (parent, child)
+            self.scheduler.add(child.req)
         self.parents[request_id] = parent
 
     def check_length(self, num_prompt: int, max_tokens: int) -> None:
@@ -182,3 +184,11 @@ def _max_model_len(hf_config, requested: int | None) -> int:
         raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit}")
     return requested or limit
 
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -51,7 +51,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             check(_is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name,
                   "must be in [-2, 2]")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed
+                                    and self.seed + max(self.n, 1) - 1 < 2**64),
+              "seed", "must be an integer in [-2**63, 2**64 - n]")
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be >= 1")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "must be in [0, max_tokens]")

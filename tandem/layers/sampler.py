@@ -100,7 +100,8 @@ def _needs_processing(r: Request) -> bool:
 
 def _top_k_top_p(logits: torch.Tensor, params) -> torch.Tensor:
     vocab = logits.shape[1]
-    k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+                     device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)

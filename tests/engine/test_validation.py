@@ -183,3 +183,26 @@ def test_abort_of_waiting_and_running_requests(llm):
     assert not engine.abort_request("running") and not engine.abort_request("unknown")
     assert not engine.has_unfinished_requests() and engine.step() == []
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_seed_out_of_range_leaves_no_orphan_child(llm):
+    # A seed whose second child would overflow 64 bits is rejected before any child is queued.
+    with raises_on("seed"):
+        llm.generate("Hello", SamplingParams(seed=2**64 - 1, n=2, max_tokens=2))
+    assert not llm.engine.scheduler.has_unfinished()
+    assert llm.generate("Hello", SamplingParams(max_tokens=2))[0].finished
+
+
+def test_text_that_is_not_unicode(llm):
+    with raises_on("prompt"):
+        llm.generate("bad \ud800 text", SamplingParams(max_tokens=2))
+    with raises_on("messages"):
+        llm.chat([{"role": "user", "content": "bad \ud800"}], SamplingParams(max_tokens=2))
+
+
+def test_top_k_beyond_the_vocabulary_means_all_tokens(llm):
+    out = llm.generate("Hello", SamplingParams(top_k=10**20, temperature=1.0, seed=1,
+                                               max_tokens=4))[0]
+    same = llm.generate("Hello", SamplingParams(top_k=-1, temperature=1.0, seed=1,
+                                                max_tokens=4))[0]
+    assert out.outputs[0].token_ids == same.outputs[0].token_ids
