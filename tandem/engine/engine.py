@@ -15,7 +15,7 @@ from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.stats import EngineStats
 from tandem.loader.model_path import resolve_model
-from tandem.loader.tokenizer import eos_token_ids, load_tokenizer
+from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
 
 
 @dataclass
@@ -60,8 +60,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
-            if not _is_utf8(prompt):
-                raise ValueError("prompt: is not valid Unicode text (lone surrogate)")
+            check_text(prompt, "prompt")
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
@@ -81,6 +80,8 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
         if request_id in self.parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if cache_salt is not None:
+            check_text(cache_salt, "cache_salt")  # it is hashed into every block chain
         ids = self.tokenize(prompt)
         self.check_length(len(ids), params.max_tokens)
         parent = _Parent(request_id, prompt if isinstance(prompt, str) else prompt_text, ids)
@@ -183,12 +184,3 @@ def _max_model_len(hf_config, requested: int | None) -> int:
     if requested is not None and requested > limit:
         raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit}")
     return requested or limit
-
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

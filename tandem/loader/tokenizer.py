@@ -39,8 +39,13 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
         raise ValueError("messages: this model's tokenizer has no chat template")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                          tokenize=False)
+    check_text(text, "messages")
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_text(text: str, field: str) -> None:
+    """Lone surrogates pass as `str` but break tokenizers and hashing: reject them by name."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("messages: content is not valid Unicode text (lone surrogate)") from None
-    return text, tokenizer.encode(text, add_special_tokens=False)
+        raise ValueError(f"{field}: is not valid Unicode text (lone surrogate)") from None

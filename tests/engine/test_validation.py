@@ -206,3 +206,9 @@ def test_top_k_beyond_the_vocabulary_means_all_tokens(llm):
     same = llm.generate("Hello", SamplingParams(top_k=-1, temperature=1.0, seed=1,
                                                 max_tokens=4))[0]
     assert out.outputs[0].token_ids == same.outputs[0].token_ids
+
+
+def test_cache_salt_that_is_not_unicode(llm):
+    with raises_on("cache_salt"):
+        llm.engine.add_request("salted", "Hello", SamplingParams(max_tokens=2), cache_salt="\ud800")
+    assert not llm.engine.has_unfinished_requests()
