@@ -7,20 +7,12 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from tandem import LLM, SamplingParams
 from tandem.engine.engine import _max_model_len
-from tandem.loader.gguf import convert_gguf
 
 # 2 layers x (K, V) x 16 tokens x 2 KV heads x 16 dims x 4 bytes (float32)
 TINY_BLOCK_BYTES = 8192
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 250 + 3 for j in range(20 + 5 * i)]}
            for i in range(3)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_gguf, tmp_path_factory) -> str:
-    dest = str(tmp_path_factory.mktemp("tiny") / "hf")
-    convert_gguf(tiny_gguf, dest)
-    return dest
 
 
 def tiny(tiny_dir: str, **kwargs) -> LLM:
