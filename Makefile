@@ -20,7 +20,7 @@ test: lint
 	$(OFFLINE) $(PY) -m pytest -q --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) tests
 
 serve: $(VENV)/.installed
-	$(OFFLINE) $(VENV)/bin/tandem generate --prompt "What is the capital of France?" --chat --max-tokens 64
+	$(OFFLINE) $(VENV)/bin/tandem serve --model smollm2 --host 127.0.0.1 --port 8000
 
 bench: $(VENV)/.installed
 	$(OFFLINE) $(PY) benchmarks/offline_throughput.py

@@ -1,10 +1,11 @@
-"""`tandem generate | convert` (serve, route and bench arrive with their issues)."""
+"""`tandem serve | generate | convert` (route and bench arrive with their issues)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from tandem.config import add_engine_args
+from tandem.server.launch import add_server_args
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +49,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.server.launch import serve
+
+    return serve(args)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from tandem.loader.gguf import convert_gguf
 
@@ -64,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_args(srv)
+    add_server_args(srv)
+    srv.set_defaults(func=cmd_serve)
     conv = sub.add_parser("convert", help="convert a GGUF file into an HF checkpoint folder")
     conv.add_argument("src")
     conv.add_argument("dest")

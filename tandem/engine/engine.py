@@ -104,8 +104,12 @@ class LLMEngine:
                 f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
                 f"{max_tokens} for the completion)")
         if num_prompt + max_tokens > self.kv_capacity_tokens:
-            raise ValueError(f"max_tokens: prompt + max_tokens ({num_prompt + max_tokens}) "
-                             f"exceeds the KV cache capacity of {self.kv_capacity_tokens} tokens")
+            # Worded as a context length too: to a client it is one, and its code is the same.
+            raise ValueError(
+                f"max_tokens: this server's context length is {self.kv_capacity_tokens} tokens "
+                f"(its KV cache capacity of {self.kv_capacity_tokens} tokens), but "
+                f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
+                f"{max_tokens} for the completion)")
 
     def abort_request(self, request_id: str) -> bool:
         parent = self.parents.pop(request_id, None)

@@ -1,0 +1,84 @@
+"""`tandem serve`: the engine, the API, and a SIGTERM drain, under uvicorn."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+import uvicorn
+
+from tandem.config import EngineConfig
+from tandem.engine.async_engine import AsyncEngine
+from tandem.server.openai_api import ServerState, build_app
+
+logger = logging.getLogger("tandem.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM keep listening: /ready turns 503, new work gets 503, in-flight requests get
+    up to `shutdown_timeout` seconds, then the rest are aborted and the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state, self.shutdown_timeout = state, shutdown_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it and the exit code would
+        # say "killed by SIGTERM" after a clean drain.
+        if self.state.draining or self.loop is None:
+            self.should_exit = True  # a second signal, or one before start-up: stop now
+            return
+        self.state.draining = True
+        logger.info("signal %s: draining for up to %.0fs", sig, self.shutdown_timeout)
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.state.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.inflight:
+            logger.warning("aborting %d requests still running", self.state.inflight)
+            self.state.engine.abort_all("server is shutting down")
+            while self.state.inflight and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[],
+                   help="accept this bearer key (repeat for several)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
+    p.add_argument("--max-queue-len", type=int, default=1024,
+                   help="waiting requests beyond which new ones get 503")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EngineConfig.from_args(args)
+    engine = AsyncEngine(config)
+    state = ServerState(engine, args.served_model_name or args.model, list(args.api_key),
+                        args.max_queue_len)
+    app = build_app(state, args.max_request_bytes)
+    e = engine.engine
+    logger.info("tandem listening on http://%s:%d model=%s dtype=%s device=%s "
+                "kv_capacity_tokens=%d", args.host, args.port, state.model_name,
+                str(config.torch_dtype).removeprefix("torch."), config.torch_device,
+                e.kv_capacity_tokens)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5),
+                            state, args.shutdown_timeout)
+    server.run()
+    engine.shutdown()
+    return 0
+

@@ -1,0 +1,52 @@
+"""Prometheus text exposition of the engine's state, under vLLM's metric names (tandem: prefix)."""
+from __future__ import annotations
+
+from tandem.engine.engine import LLMEngine
+from tandem.engine.stats import Histogram
+
+
+def render_metrics(engine: LLMEngine, model_name: str) -> str:
+    label = f'model_name="{_escape(model_name)}"'
+    sched, stats = engine.scheduler, engine.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP tandem:{name} {help_}")
+        lines.append(f"# TYPE tandem:{name} {kind}")
+        lines.extend(f"tandem:{name}{suffix} {value}" for suffix, value in samples)
+
+    def hist(name: str, help_: str, h: Histogram) -> None:
+        samples, total = [], 0
+        for bound, count in zip((*h.buckets, "+Inf"), h.counts):
+            total += count
+            samples.append((f'_bucket{{{label},le="{bound}"}}', total))
+        samples += [(f"_sum{{{label}}}", h.sum), (f"_count{{{label}}}", h.count)]
+        metric(name, "histogram", help_, samples)
+
+    metric("num_requests_running", "gauge", "Requests in the running batch.",
+           [(f"{{{label}}}", len(sched.running))])
+    metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
+           [(f"{{{label}}}", len(sched.waiting))])
+    metric("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
+           [(f"{{{label}}}", engine.kv.usage)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens processed.",
+           [(f"{{{label}}}", stats.prompt_tokens_total)])
+    metric("generation_tokens_total", "counter", "Tokens generated.",
+           [(f"{{{label}}}", stats.generation_tokens_total)])
+    metric("request_success_total", "counter", "Finished requests by finish reason.",
+           [(f'{{{label},finished_reason="{r}"}}', stats.request_success_total[r])
+            for r in ("stop", "length", "abort")])
+    metric("num_preemptions_total", "counter", "Requests preempted (recomputed later).",
+           [(f"{{{label}}}", sched.num_preemptions)])
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           [(f"{{{label}}}", sched.prefix_cache_queries)])
+    metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+           [(f"{{{label}}}", sched.prefix_cache_hits)])
+    hist("time_to_first_token_seconds", "Time to first token.", stats.time_to_first_token)
+    hist("inter_token_latency_seconds", "Time between tokens.", stats.inter_token_latency)
+    hist("e2e_request_latency_seconds", "Request latency.", stats.e2e_request_latency)
+    return "\n".join(lines) + "\n"
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

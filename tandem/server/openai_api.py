@@ -1,0 +1,340 @@
+"""The OpenAI-compatible HTTP API over an AsyncEngine."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+import tandem
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.outputs import RequestOutput
+from tandem.engine.sampling_params import SamplingParams
+from tandem.loader.tokenizer import render_chat
+from tandem.server import responses as R
+from tandem.server.errors import APIError, from_value_error, install_error_handlers
+from tandem.server.metrics import render_metrics
+from tandem.server.middleware import RequestMiddleware
+from tandem.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    max_queue_len: int = 1024
+    draining: bool = False
+    inflight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class _Job:
+    """One prompt of a request: its ids, text, and the engine request id."""
+    ids: list[int]
+    text: str | None
+    request_id: str
+    cache_salt: str | None = None
+
+
+def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="Tandem", version=tandem.__version__)
+    app.state.tandem = state
+    app.add_middleware(RequestMiddleware, max_request_bytes=max_request_bytes)
+    install_error_handlers(app)
+    engine = state.engine
+
+    async def authorize(request: Request) -> None:
+        if not state.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        # Compare against every key, always, so timing says nothing about which one nearly matched.
+        ok = False
+        for key in state.api_keys:
+            ok |= hmac.compare_digest(given, key.encode())
+        if not ok:
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def admit(model: str | None) -> None:
+        if model is not None and model != state.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{state.model_name!r}", "model", "model_not_found")
+        if state.draining or not engine.running:
+            raise APIError(503, "server is shutting down" if state.draining else
+                           "engine is not running", headers={"Retry-After": "5"})
+        if engine.num_waiting() >= state.max_queue_len:
+            raise APIError(503, "too many requests waiting; retry later",
+                           headers={"Retry-After": "1"})
+
+    @app.get("/health")
+    async def health():
+        if not engine.running:
+            raise APIError(503, "engine is not running")
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.draining or not engine.running:
+            raise APIError(503, "not ready")
+        return {"status": "ready"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": tandem.__version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return render_metrics(engine.engine, state.model_name)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created,
+            "owned_by": "tandem", "max_model_len": engine.engine.max_model_len}]}
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest):
+        admit(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            _, ids = render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages])
+        else:
+            try:
+                body.prompt.encode('utf-8')
+            except UnicodeEncodeError:
+                raise APIError(400, 'prompt: is not valid Unicode text', 'prompt') from None
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest):
+        admit(body.model)
+        try:
+            engine.engine.tokenize(body.tokens or [0])  # range-checks every id
+        except ValueError as e:
+            raise APIError(400, str(e).replace('prompt:', 'tokens:', 1), 'tokens') from None
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        admit(body.model)
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "prompt: must not be empty", "prompt")
+        logprobs = body.logprobs
+        jobs, params = [], None
+        for p in prompts:
+            ids = engine.engine.tokenize(p)
+            limit = min(engine.engine.max_model_len, engine.engine.kv_capacity_tokens)
+            max_tokens = (body.max_tokens if body.max_tokens is not None
+                          else max(1, limit - len(ids)))
+            params = body.sampling_params(max_tokens, logprobs)
+            engine.validate(ids, params)
+            text = p if isinstance(p, str) else engine.tokenizer.decode(ids)
+            jobs.append((_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        stream = _completion_stream if body.stream else _completion_full
+        return await _respond(request, body.stream, stream(state, rid, body, jobs, request))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatCompletionRequest, request: Request):
+        admit(body.model)
+        text, ids = render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages],
+                                body.add_generation_prompt)
+        max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
+                      else body.max_tokens)
+        if max_tokens is None:
+            limit = min(engine.engine.max_model_len, engine.engine.kv_capacity_tokens)
+            max_tokens = max(1, limit - len(ids))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, logprobs)
+        engine.validate(ids, params)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = [(_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params)]
+        stream = _chat_stream if body.stream else _chat_full
+        return await _respond(request, body.stream, stream(state, rid, body, jobs, request))
+
+    return app
+
+
+async def _respond(request: Request, streaming: bool, gen: AsyncIterator):
+    if streaming:
+        return StreamingResponse(gen, media_type="text/event-stream")
+    # A non-streaming client that goes away must still abort its work: watch the connection.
+    task = asyncio.ensure_future(gen.__anext__())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return JSONResponse(task.result())
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return JSONResponse({}, status_code=499)
+
+
+async def _merged(state: ServerState, jobs: list[tuple[_Job, SamplingParams]],
+                  request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of every prompt's request as they come, tagged with the prompt's index."""
+    engine, queue = state.engine, asyncio.Queue()
+    request.scope.setdefault("state", {})["tokens"] = 0
+
+    async def pump(i: int, job: _Job, params: SamplingParams) -> None:
+        try:
+            async for out in engine.generate(job.ids, params, job.request_id, job.text,
+                                             job.cache_salt):
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+            return
+        await queue.put((i, None))
+
+    state.inflight += 1
+    tasks = [asyncio.ensure_future(pump(i, j, p)) for i, (j, p) in enumerate(jobs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        state.inflight -= 1  # first: the await below re-raises a cancelled client's CancelledError
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _with_errors(gen: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A failure after the stream started can only be reported in the stream itself."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except ValueError as e:
+        a = from_value_error(e)
+        yield _sse({"error": {"message": a.message, "type": "invalid_request_error",
+                              "param": a.param, "code": a.code}})
+    except Exception as e:  # noqa: BLE001 - reported in the stream
+        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
+                              "code": None}})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_full(state, rid, body: CompletionRequest, jobs, request):
+    final: dict[int, RequestOutput] = {}
+    async for i, out in _merged(state, jobs, request):
+        final[i] = out
+    choices, completion_tokens = [], 0
+    for i, (job, params) in enumerate(jobs):
+        for o in final[i].outputs:
+            prefix = job.text if body.echo else ""
+            completion_tokens += len(o.token_ids)
+            choices.append({"index": i * params.n + o.index, "text": prefix + o.text,
+                            "logprobs": R.completion_logprobs(o, 0, len(prefix), body.logprobs or 0),
+                            "finish_reason": o.finish_reason})
+    request.scope["state"]["tokens"] = completion_tokens
+    prompt_tokens = sum(len(j.ids) for j, _ in jobs)
+    yield {"id": rid, "object": "text_completion", "created": int(time.time()),
+           "model": state.model_name, "choices": choices,
+           "usage": R.usage(prompt_tokens, completion_tokens)}
+
+
+async def _completion_stream(state, rid, body: CompletionRequest, jobs, request):
+    async def chunks():
+        created, sent = int(time.time()), {}
+        completion_tokens = 0
+        async for i, out in _merged(state, jobs, request):
+            n = jobs[i][1].n
+            for o in out.outputs:
+                key = (i, o.index)
+                text_len, tok_len, done = sent.get(key, (0, 0, False))
+                if done:
+                    continue
+                prefix = jobs[i][0].text if body.echo and key not in sent else ""
+                delta = prefix + o.text[text_len:]
+                if not delta and o.finish_reason is None and len(o.token_ids) == tok_len:
+                    continue
+                sent[key] = (len(o.text), len(o.token_ids), o.finish_reason is not None)
+                completion_tokens += len(o.token_ids) - tok_len
+                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                            "model": state.model_name, "choices": [{
+                                "index": i * n + o.index, "text": delta,
+                                "logprobs": R.completion_logprobs(o, tok_len, text_len,
+                                                                  body.logprobs or 0),
+                                "finish_reason": o.finish_reason}]})
+        request.scope["state"]["tokens"] = completion_tokens
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                        "model": state.model_name, "choices": [],
+                        "usage": R.usage(sum(len(j.ids) for j, _ in jobs), completion_tokens)})
+    async for chunk in _with_errors(chunks()):
+        yield chunk
+
+
+async def _chat_full(state, rid, body: ChatCompletionRequest, jobs, request):
+    final = None
+    async for _, out in _merged(state, jobs, request):
+        final = out
+    top_n = body.top_logprobs or 0
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                "logprobs": R.chat_logprobs(o, 0, top_n), "finish_reason": o.finish_reason}
+               for o in final.outputs]
+    completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    request.scope["state"]["tokens"] = completion_tokens
+    yield {"id": rid, "object": "chat.completion", "created": int(time.time()),
+           "model": state.model_name, "choices": choices,
+           "usage": R.usage(len(jobs[0][0].ids), completion_tokens)}
+
+
+async def _chat_stream(state, rid, body: ChatCompletionRequest, jobs, request):
+    created, top_n = int(time.time()), body.top_logprobs or 0
+
+    def chunk(choices: list, **extra) -> str:
+        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                     "model": state.model_name, "choices": choices, **extra})
+
+    async def chunks():
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for i in range(jobs[0][1].n)])
+        sent: dict[int, tuple[int, int]] = {}
+        completion_tokens = 0
+        async for _, out in _merged(state, jobs, request):
+            for o in out.outputs:
+                text_len, tok_len = sent.get(o.index, (0, 0))
+                if text_len < 0:
+                    continue  # already finished
+                delta = o.text[text_len:]
+                if not delta and o.finish_reason is None and len(o.token_ids) == tok_len:
+                    continue
+                completion_tokens += len(o.token_ids) - tok_len
+                sent[o.index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids))
+                yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
+                              "logprobs": R.chat_logprobs(o, tok_len, top_n),
+                              "finish_reason": o.finish_reason}])
+        request.scope["state"]["tokens"] = completion_tokens
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=R.usage(len(jobs[0][0].ids), completion_tokens))
+    async for c in _with_errors(chunks()):
+        yield c
