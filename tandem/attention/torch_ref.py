@@ -5,21 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from tandem.attention.backend import AttentionBackend
+from tandem.attention.kv_quant import read, write
 from tandem.attention.metadata import AttentionMetadata
 
 
-def gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[KVH, num_blocks, B, D] cache, [..., nb] block ids -> [KVH, ..., nb * B, D], contiguous."""
-    kvh, _, bs, d = cache.shape
-    x = cache.index_select(1, block_table.flatten())
-    return x.view(kvh, *block_table.shape[:-1], block_table.shape[-1] * bs, d)
-
-
 class TorchAttention(AttentionBackend):
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
+                k_scale=None, v_scale=None) -> torch.Tensor:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        # New tokens are attended as stored (float8-rounded in an fp8 cache), so a result does
+        # not depend on whether a prefix came from the cache or was computed in this step.
+        k = write(k_cache, k_scale, k, meta.slot_mapping)
+        v = write(v_cache, v_scale, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
@@ -27,9 +24,10 @@ class TorchAttention(AttentionBackend):
             # and each KV head's group of query heads rides in the query-length dim.
             group = q.shape[1] // num_kv_heads
             qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)
+            tables = meta.decode_block_tables
             o = F.scaled_dot_product_attention(
-                qd, gather(k_cache, meta.decode_block_tables),
-                gather(v_cache, meta.decode_block_tables), attn_mask=meta.decode_mask)
+                qd, read(k_cache, k_scale, tables, q.dtype),
+                read(v_cache, v_scale, tables, q.dtype), attn_mask=meta.decode_mask)
             out[:nd] = o.transpose(0, 1).reshape(nd, -1, head_dim)
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)
@@ -37,8 +35,8 @@ class TorchAttention(AttentionBackend):
             if p.mask is None:  # nothing cached: attend to the new tokens only
                 keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             else:
-                keys = gather(k_cache, p.block_table)[:, :p.context_len]
-                values = gather(v_cache, p.block_table)[:, :p.context_len]
+                keys = read(k_cache, k_scale, p.block_table, q.dtype)[:, :p.context_len]
+                values = read(v_cache, v_scale, p.block_table, q.dtype)[:, :p.context_len]
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=p.mask,
                                                is_causal=p.mask is None, enable_gqa=True)
             out[rows] = o.transpose(0, 1)

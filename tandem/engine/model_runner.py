@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from tandem.attention.backend import get_backend
+from tandem.attention.kv_quant import SCALE_DTYPE, is_fp8
 from tandem.attention.layer import Attention
 from tandem.attention.metadata import AttentionMetadata, PrefillSeq, set_metadata
-from tandem.config import EngineConfig, default_kv_cache_memory
+from tandem.config import KV_CACHE_DTYPES, EngineConfig, default_kv_cache_memory
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -19,6 +20,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, folder: str):
         self.device, self.dtype = config.torch_device, config.torch_dtype
         self.block_size = config.block_size
+        self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
         self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype)
         self.sampler = Sampler()
@@ -32,17 +34,23 @@ class ModelRunner:
             raise ValueError(f"kv_cache_memory: {memory} bytes hold no block of "
                              f"{self.bytes_per_block} bytes")
         a = self.attn_layers[0]
+        shape = (2, len(self.attn_layers), a.num_kv_heads, self.num_blocks, self.block_size)
         # Zeroed, not empty: padded gathers read unused blocks, and NaN garbage survives masking.
-        self.kv_cache = torch.zeros(2, len(self.attn_layers), a.num_kv_heads, self.num_blocks,
-                                    self.block_size, a.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(*shape, a.head_dim, dtype=self.kv_dtype, device=self.device)
+        self.kv_scale = (torch.zeros(shape, dtype=SCALE_DTYPE, device=self.device)
+                         if is_fp8(self.kv_dtype) else None)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            if self.kv_scale is not None:
+                layer.k_scale, layer.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
 
     @property
     def bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        return (2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim
-                * self.dtype.itemsize)
+        per_token_head = a.head_dim * self.kv_dtype.itemsize
+        if is_fp8(self.kv_dtype):
+            per_token_head += SCALE_DTYPE.itemsize
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * per_token_head
 
     def prepare(self, sched: SchedulerOutput):
         """Flat batch with one-token steps (decodes) first; returns the model inputs, the
