@@ -17,6 +17,7 @@ from tandem.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.stats import StatsLogger
 
 logger = logging.getLogger("tandem.engine")
 
@@ -47,8 +48,10 @@ class _AbortAll:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None,
+                 log_stats_interval: float = 0.0):
         self.engine = engine or LLMEngine(config)
+        self._stats = StatsLogger(self.engine, log_stats_interval) if log_stats_interval else None
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
@@ -129,6 +132,8 @@ class AsyncEngine:
                     self._send(out.request_id, out)
                     if out.finished:
                         self._queues.pop(out.request_id, None)
+                if self._stats is not None:
+                    self._stats.maybe_log()
         except BaseException as e:  # any failure ends every request with an error
             logger.exception("engine step loop failed; every request ends with an error")
             self.error = e

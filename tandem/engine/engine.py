@@ -106,8 +106,8 @@ class LLMEngine:
         if num_prompt + max_tokens > self.kv_capacity_tokens:
             # Worded as a context length too: to a client it is one, and its code is the same.
             raise ValueError(
-                f"max_tokens: this server's context length is {self.kv_capacity_tokens} tokens "
-                f"(its KV cache capacity of {self.kv_capacity_tokens} tokens), but "
+                f"max_tokens: this server's context length is its KV cache capacity of "
+                f"{self.kv_capacity_tokens} tokens, but "
                 f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
                 f"{max_tokens} for the completion)")
 

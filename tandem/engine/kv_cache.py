@@ -5,12 +5,16 @@ Only block ids live here; the KV tensors belong to the model runner.
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from collections import OrderedDict
 
+from tandem.engine.kv_events import KVEventLog
 from tandem.engine.request import Request
 
 _DOMAIN = b"tandem/kv-block/v1\0"
+# Named in /kv/events so a follower can tell whether it computes the same hashes.
+HASH_SCHEME = "sha256:tandem/kv-block/v1"
 _ROOT = bytes(32)
 
 
@@ -20,7 +24,10 @@ def hash_block(parent: bytes | None, token_ids: list[int], salt: str | None = No
     h.update(parent or _ROOT)
     salt_bytes = (salt or "").encode()
     h.update(len(salt_bytes).to_bytes(4, "little") + salt_bytes)
-    h.update(array("q", token_ids).tobytes())
+    ids = array("q", token_ids)
+    if sys.byteorder == "big":  # little-endian everywhere, so a router on any host agrees
+        ids.byteswap()
+    h.update(ids.tobytes())
     return h.digest()
 
 
@@ -39,6 +46,7 @@ class KVCacheManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}
         self.num_cached_blocks: dict[str, int] = {}
+        self.events = KVEventLog()
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,6 +104,7 @@ class KVCacheManager:
         if h is not None:
             if self.cached.get(h) == block_id:
                 del self.cached[h]
+                self.events.removed(h)
             self.block_hash[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id
@@ -112,8 +121,10 @@ class KVCacheManager:
         for i in range(start, num_full):
             block_id, h = req.block_table[i], req.block_hashes[i]
             # A twin computed by another request stays unnamed: it is freed as plain space.
-            if self.cached.setdefault(h, block_id) == block_id:
+            if h not in self.cached:
+                self.cached[h] = block_id
                 self.block_hash[block_id] = h
+                self.events.stored(h)
         self.num_cached_blocks[req.request_id] = num_full
 
     def free_request(self, req: Request) -> None:

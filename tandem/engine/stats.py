@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from tandem.engine.request import Request
+
+if TYPE_CHECKING:
+    from tandem.engine.engine import LLMEngine
+
+logger = logging.getLogger("tandem.stats")
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -47,3 +54,37 @@ class EngineStats:
         now = time.monotonic() if now is None else now
         self.request_success_total[req.status.value] += 1
         self.e2e_request_latency.observe(now - req.arrival_time)
+
+
+class StatsLogger:
+    """vLLM's periodic line: throughput since the last line, queue, KV usage, prefix hit rate.
+    Quiet while the engine is idle and nothing changed."""
+
+    def __init__(self, engine: LLMEngine, interval: float = 10.0):
+        self.engine, self.interval = engine, interval
+        self.last_time = time.monotonic()
+        self.last = self._totals()
+
+    def _totals(self) -> tuple[int, int, int, int]:
+        s, sched = self.engine.stats, self.engine.scheduler
+        return (s.prompt_tokens_total, s.generation_tokens_total, sched.prefix_cache_queries,
+                sched.prefix_cache_hits)
+
+    def maybe_log(self, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        elapsed = now - self.last_time
+        if elapsed < self.interval:
+            return None
+        totals = self._totals()
+        (prompt, gen, queries, hits) = (a - b for a, b in zip(totals, self.last))
+        self.last, self.last_time = totals, now
+        sched = self.engine.scheduler
+        if not (prompt or gen or queries or sched.running or sched.waiting):
+            return None
+        line = (f"prompt throughput {prompt / elapsed:.1f} tokens/s, generation throughput "
+                f"{gen / elapsed:.1f} tokens/s, running {len(sched.running)}, waiting "
+                f"{len(sched.waiting)}, KV cache usage {100 * self.engine.kv.usage:.1f}%, "
+                f"prefix cache hit rate {100 * hits / max(queries, 1):.1f}% "
+                f"({100 * totals[3] / max(totals[2], 1):.1f}% since start)")
+        logger.info(line)
+        return line

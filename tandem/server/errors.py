@@ -57,7 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if err.get("type") == "json_invalid":
             return error_response(400, f"body: invalid JSON ({err.get('msg')})")
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ())][1:]  # drop "body" / "query"
         param = ".".join(loc) or None
         return error_response(400, f"{param or 'body'}: {err.get('msg')}", param)
 

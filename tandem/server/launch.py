@@ -60,20 +60,22 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond which new ones get 503")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    p.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between stats log lines while busy (0: none)")
 
 
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig.from_args(args)
-    engine = AsyncEngine(config)
+    engine = AsyncEngine(config, log_stats_interval=args.log_stats_interval)
     state = ServerState(engine, args.served_model_name or args.model, list(args.api_key),
                         args.max_queue_len)
     app = build_app(state, args.max_request_bytes)
     e = engine.engine
     logger.info("tandem listening on http://%s:%d model=%s dtype=%s device=%s "
-                "kv_capacity_tokens=%d", args.host, args.port, state.model_name,
+                "kv_capacity_tokens=%d kv_cache_dtype=%s", args.host, args.port, state.model_name,
                 str(config.torch_dtype).removeprefix("torch."), config.torch_device,
-                e.kv_capacity_tokens)
+                e.kv_capacity_tokens, str(e.runner.kv_dtype).removeprefix("torch."))
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5),

@@ -29,6 +29,9 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
            [(f"{{{label}}}", len(sched.waiting))])
     metric("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
            [(f"{{{label}}}", engine.kv.usage)])
+    metric("kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds.",
+           [(f'{{{label},kv_cache_dtype="{str(engine.runner.kv_dtype).removeprefix("torch.")}"}}',
+             engine.kv_capacity_tokens)])
     metric("prompt_tokens_total", "counter", "Prompt tokens processed.",
            [(f"{{{label}}}", stats.prompt_tokens_total)])
     metric("generation_tokens_total", "counter", "Tokens generated.",

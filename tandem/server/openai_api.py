@@ -9,11 +9,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 import tandem
 from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.kv_cache import HASH_SCHEME
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 from tandem.loader.tokenizer import render_chat
@@ -98,6 +99,13 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return render_metrics(engine.engine, state.model_name)
+
+    @app.get("/kv/events", dependencies=[Depends(authorize)])
+    async def kv_events(since: int | None = Query(None, ge=0, le=2**62)):
+        """Prefix-cache block hashes stored / evicted after `since`, or all of them when it is
+        left out (docs/kv_cache.md)."""
+        kv = engine.engine.kv
+        return {"block_size": kv.block_size, "hash": HASH_SCHEME, **kv.events.since(since)}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():

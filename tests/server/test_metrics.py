@@ -9,7 +9,8 @@ EOS_ID = 2
 
 COUNTERS = ["prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
             "prefix_cache_queries_total", "prefix_cache_hits_total"]
-GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]
+GAUGES = ["kv_cache_capacity_tokens", "num_requests_running", "num_requests_waiting",
+          "kv_cache_usage_perc"]
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds",
               "e2e_request_latency_seconds"]
 
