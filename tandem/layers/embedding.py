@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
-from tandem.layers.linear import copy_into, divide, load_rows
+from tandem.layers.linear import copy_into, divide
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -19,7 +19,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
-        copy_into(param, load_rows(loaded, self.start, self.shard))
+        copy_into(param, loaded, self.start)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:

@@ -18,22 +18,36 @@ def divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-def load_rows(loaded, start: int, size: int) -> torch.Tensor:
-    return loaded[start:start + size]
-
-
-def load_cols(loaded, start: int, size: int) -> torch.Tensor:
-    return loaded[:, start:start + size]
-
-
 def shape_of(loaded) -> tuple[int, ...]:
     return tuple(loaded.get_shape() if hasattr(loaded, "get_shape") else loaded.shape)
 
 
-def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    if tuple(param.shape) != tuple(value.shape):
-        raise ValueError(f"weight shape {tuple(value.shape)} does not match {tuple(param.shape)}")
-    param.data.copy_(value)
+# Read big tensors in pieces: a whole extra copy of the largest tensor (the embedding is 20% of
+# a 1B model) would break the 1/N-per-rank memory bound while loading.
+CHUNK_BYTES = 16 << 20
+
+
+def copy_into(param: torch.Tensor, loaded, row: int = 0, col: int | None = None) -> None:
+    """param <- loaded[row:row + rows, col:col + cols] (the shape of `param`), piecewise.
+    `loaded` is a tensor or a lazy safetensors slice; only the rows read touch memory."""
+    full, shape = shape_of(loaded), tuple(param.shape)
+    fits = len(full) == len(shape) and row + shape[0] <= full[0] and (
+        full[1:] == shape[1:] if col is None
+        else col + shape[1] <= full[1] and full[2:] == shape[2:])
+    if not fits:
+        raise ValueError(f"weight shape {full} does not fit {shape}")
+    step = max(1, CHUNK_BYTES // max(1, param[0].numel() * 4))
+    for i in range(0, shape[0], step):
+        rows = slice(row + i, row + min(i + step, shape[0]))
+        part = loaded[rows] if col is None else loaded[rows, col:col + shape[1]]
+        param.data[i:i + part.shape[0]].copy_(part)
+
+
+def copy_whole(param: torch.Tensor, loaded) -> None:
+    """A parameter every rank holds whole: the checkpoint's shape must be the parameter's."""
+    if shape_of(loaded) != tuple(param.shape):
+        raise ValueError(f"weight shape {shape_of(loaded)} does not match {tuple(param.shape)}")
+    copy_into(param, loaded)
 
 
 class LinearBase(nn.Module):
@@ -52,7 +66,7 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
-        copy_into(param, loaded[:])
+        copy_whole(param, loaded)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -63,7 +77,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         n = param.shape[0]
-        copy_into(param, load_rows(loaded, tp_rank() * n, n))
+        copy_into(param, loaded, tp_rank() * n)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -76,7 +90,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
         n = self.output_sizes[shard_id] // tp_size()
         offset = sum(self.output_sizes[:shard_id]) // tp_size()
-        copy_into(param.data[offset:offset + n], load_rows(loaded, tp_rank() * n, n))
+        copy_into(param.data[offset:offset + n], loaded, tp_rank() * n)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -105,7 +119,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             # With more ranks than KV heads, neighbouring ranks read the same head.
             total_heads = shape_of(loaded)[0] // self.head_dim
             n, start = kv, tp_rank() * total_heads // tp_size() * self.head_dim
-        copy_into(param.data[offset:offset + n], load_rows(loaded, start, n))
+        copy_into(param.data[offset:offset + n], loaded, start)
 
 
 class RowParallelLinear(LinearBase):
@@ -116,10 +130,10 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction
-            copy_into(param, loaded[:])
+            copy_whole(param, loaded)
             return
         n = param.shape[1]
-        copy_into(param, load_cols(loaded, tp_rank() * n, n))
+        copy_into(param, loaded, 0, tp_rank() * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)

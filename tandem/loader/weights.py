@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tandem.layers.linear import copy_into
+from tandem.layers.linear import copy_whole
 
 
 def load_weights(model: nn.Module, folder: str) -> None:
@@ -49,7 +49,7 @@ def _param(params: dict[str, nn.Parameter], name: str, ckpt_name: str) -> nn.Par
 
 
 def _default_loader(param: nn.Parameter, loaded) -> None:
-    copy_into(param, loaded[:])
+    copy_whole(param, loaded)
 
 
 def load_model(model_cls, config, folder: str, device: torch.device,
