@@ -33,7 +33,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, seed=args.sampling_seed,
                             stop=args.stop)
-    engine = LLMEngine(EngineConfig.from_args(args))  # after the cheap checks above
+    config = EngineConfig.from_args(args)
+    if config.node_rank > 0:  # a compute-only node of a multi-node group
+        from tandem.distributed.worker import run_node
+
+        return run_node(config)
+    engine = LLMEngine(config)  # after the cheap checks above
     prompt = args.prompt
     if args.chat:
         _, prompt = render_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])

@@ -43,6 +43,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     seed: int = 0
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    # torchrun's variables are the defaults, so `env://`-style launches need no flags.
+    master_addr: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    master_port: int | None = dataclasses.field(
+        default_factory=lambda: int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ
+        else None)
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
@@ -53,6 +62,18 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be positive, got {self.max_model_len!r}")
+        for name in ("tensor_parallel_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes: {self.nnodes} nodes cannot split "
+                             f"{self.tensor_parallel_size} ranks evenly")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank: must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port: required with several nodes (and --master-addr, "
+                             "the address of node 0)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -60,6 +81,10 @@ class EngineConfig:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
     @property
     def torch_device(self) -> torch.device:
@@ -121,3 +146,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="auto: the model dtype; fp8_*: float8 with per-token, per-head scales")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--nnodes", type=int, default=d.nnodes, help="hosts the ranks span")
+    p.add_argument("--node-rank", type=int, default=d.node_rank,
+                   help="this host's index; node 0 serves, the others only compute")
+    p.add_argument("--master-addr", default=d.master_addr, help="node 0's address (in-cluster)")
+    p.add_argument("--master-port", type=int, default=d.master_port,
+                   help="rendezvous port on node 0 (default: a free one, single node only)")

@@ -118,6 +118,7 @@ class AsyncEngine:
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     def _run(self) -> None:
         engine = self.engine
@@ -126,6 +127,7 @@ class AsyncEngine:
                 # Block only when idle; while busy, pick up new work between steps.
                 block = not engine.has_unfinished_requests()
                 self._drain(block)
+                engine.check_health()
                 if self._stop.is_set():
                     break
                 for out in engine.step():

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from transformers import AutoConfig
 
 from tandem.config import EngineConfig
+from tandem.distributed.group import TPGroup
+from tandem.distributed.parallel_state import check_tp_size
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.kv_cache import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
@@ -43,7 +45,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = eos_token_ids(folder, self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
-        self.runner = ModelRunner(config, self.hf_config, folder)
+        check_tp_size(self.hf_config, config.tensor_parallel_size)
+        self.group = TPGroup(config)
+        device = self.group.start(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, self.hf_config, folder, self.group, device)
+        except BaseException:
+            self.group.shutdown()
+            raise
+        self.group.start_keepalive()
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
@@ -51,6 +61,15 @@ class LLMEngine:
         self.parents: dict[str, _Parent] = {}
         self.children: dict[str, tuple[_Parent, _Child]] = {}
         self.stats = EngineStats()
+
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel rank died (noticed between steps by the keep-alive)."""
+        if self.group.error is not None:
+            raise self.group.error
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one rank)."""
+        self.group.shutdown()
 
     @property
     def kv_capacity_tokens(self) -> int:

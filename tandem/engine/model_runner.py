@@ -8,6 +8,8 @@ from tandem.attention.kv_quant import SCALE_DTYPE, is_fp8
 from tandem.attention.layer import Attention
 from tandem.attention.metadata import AttentionMetadata, PrefillSeq, set_metadata
 from tandem.config import KV_CACHE_DTYPES, EngineConfig, default_kv_cache_memory
+from tandem.distributed.group import TPGroup
+from tandem.distributed.step import StepInputs
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -17,8 +19,10 @@ from tandem.models.registry import model_class
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, folder: str):
-        self.device, self.dtype = config.torch_device, config.torch_dtype
+    def __init__(self, config: EngineConfig, hf_config, folder: str,
+                 group: TPGroup | None = None, device: torch.device | None = None):
+        self.group = group or TPGroup()
+        self.device, self.dtype = device or config.torch_device, config.torch_dtype
         self.block_size = config.block_size
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
@@ -29,7 +33,8 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = backend
         memory = config.kv_cache_memory or default_kv_cache_memory(self.device)
-        self.num_blocks = memory // self.bytes_per_block
+        # Every rank holds its own heads of the same blocks: the smallest pool decides.
+        self.num_blocks = self.group.all_reduce_min(memory // self.bytes_per_block)
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {memory} bytes hold no block of "
                              f"{self.bytes_per_block} bytes")
@@ -52,13 +57,12 @@ class ModelRunner:
             per_token_head += SCALE_DTYPE.itemsize
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * per_token_head
 
-    def prepare(self, sched: SchedulerOutput):
-        """Flat batch with one-token steps (decodes) first; returns the model inputs, the
-        attention metadata, and the rows and requests that sample."""
-        bs, dev = self.block_size, self.device
+    def prepare(self, sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
+        """Flat batch with one-token steps (decodes) first, and the requests that sample."""
+        bs = self.block_size
         order = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: rn[1] != 1)
         input_ids, positions, slots, sample_rows, sample_reqs = [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        decode_tables, decode_lens, prefills, prefill_tables = [], [], [], []
         for req, n in order:
             start, bt = req.num_computed_tokens, req.block_table
             q_start = len(input_ids)
@@ -69,38 +73,61 @@ class ModelRunner:
                 decode_tables.append(bt[:cdiv(start + 1, bs)])
                 decode_lens.append(start + 1)
             else:
-                mask = None
-                if start:
-                    mask = (torch.arange(start + n, device=dev)[None, :]
-                            <= torch.arange(n, device=dev)[:, None] + start)
-                prefills.append(PrefillSeq(q_start, n, start + n, torch.tensor(
-                    bt[:cdiv(start + n, bs)], device=dev), mask))
+                prefills.append((q_start, n, start))
+                prefill_tables += bt[:cdiv(start + n, bs)]
             if start + n == req.num_tokens:
                 sample_rows.append(q_start + n - 1)
                 sample_reqs.append(req)
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), len(decode_lens),
-                                 prefills=prefills)
-        if decode_lens:
-            width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t))
-                                                     for t in decode_tables], device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
+        width = max((len(t) for t in decode_tables), default=0)
+
+        def t(x) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64)
+
+        inputs = StepInputs(t(input_ids), t(positions), t(slots),
+                            t([b + [0] * (width - len(b)) for b in decode_tables]).view(len(decode_tables), width),
+                            t(decode_lens), t(prefills).view(-1, 3), t(prefill_tables),
+                            t(sample_rows))
+        return inputs, sample_reqs
+
+    def metadata(self, inp: StepInputs) -> AttentionMetadata:
+        """What every attention layer reads, built the same way on every rank."""
+        bs, dev = self.block_size, self.device
+        meta = AttentionMetadata(inp.slots, inp.decode_lens.numel())
+        if meta.num_decode:
+            width = inp.decode_tables.shape[1]
+            meta.decode_block_tables = inp.decode_tables
             meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :]
-                                < lens[:, None])[None, :, None, :]
-        ids = torch.tensor(input_ids, device=dev)
-        return ids, torch.tensor(positions, device=dev), meta, sample_rows, sample_reqs
+                                < inp.decode_lens[:, None])[None, :, None, :]
+        at = 0
+        for q_start, n, start in inp.prefills.tolist():
+            nb = cdiv(start + n, bs)
+            mask = None
+            if start:  # causal past the cached tokens
+                mask = (torch.arange(start + n, device=dev)[None, :]
+                        <= torch.arange(n, device=dev)[:, None] + start)
+            meta.prefills.append(PrefillSeq(q_start, n, start + n,
+                                            inp.prefill_tables[at:at + nb], mask))
+            at += nb
+        return meta
+
+    @torch.inference_mode()
+    def run(self, inp: StepInputs) -> torch.Tensor | None:
+        """The forward pass; logits of the sampled rows on rank 0 (None on other ranks)."""
+        set_metadata(self.metadata(inp))
+        try:
+            hidden = self.model(inp.input_ids, inp.positions)
+        finally:
+            set_metadata(None)
+        if not inp.sample_rows.numel():
+            return None
+        return self.model.compute_logits(hidden[inp.sample_rows])
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> tuple[list[Request], torch.Tensor | None]:
-        ids, positions, meta, rows, reqs = self.prepare(sched)
-        set_metadata(meta)
-        try:
-            hidden = self.model(ids, positions)
-        finally:
-            set_metadata(None)
-        if not rows:
-            return reqs, None
-        return reqs, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        inp, reqs = self.prepare(sched)
+        inp = StepInputs(*(getattr(inp, f).to(self.device) for f in StepInputs._FIELDS))
+        with self.group.step(inp):
+            return reqs, self.run(inp)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SampleResult | None]:

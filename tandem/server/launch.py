@@ -23,10 +23,24 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.shutdown_timeout = state, shutdown_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     async def startup(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        self._watch = asyncio.ensure_future(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """A dead engine (a tensor-parallel rank lost, a failed step) cannot recover: answer
+        what is in flight with the error, then exit non-zero so a supervisor restarts us."""
+        engine = self.state.engine
+        while engine.error is None:
+            await asyncio.sleep(0.2)
+        logger.error("engine failed: %s; exiting", engine.error)
+        self.state.draining = True
+        self.exit_code = 1
+        await asyncio.sleep(1.0)  # let the failed requests' error responses go out
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it and the exit code would
@@ -67,6 +81,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig.from_args(args)
+    if config.node_rank > 0:  # a compute-only node of a multi-node group: no HTTP here
+        from tandem.distributed.worker import run_node
+
+        return run_node(config)
     engine = AsyncEngine(config, log_stats_interval=args.log_stats_interval)
     state = ServerState(engine, args.served_model_name or args.model, list(args.api_key),
                         args.max_queue_len)
@@ -82,5 +100,5 @@ def serve(args: argparse.Namespace) -> int:
                             state, args.shutdown_timeout)
     server.run()
     engine.shutdown()
-    return 0
+    return server.exit_code
 

@@ -1,0 +1,75 @@
+"""One step's model inputs as int64 tensors, and their broadcast from rank 0 to the workers.
+
+Rank 0 schedules; every rank runs the same forward pass. What a worker needs is the flat batch
+and what the attention metadata is built from, nothing else, sent as two broadcasts: a fixed
+header (command and sizes), then every field packed into one tensor. No pickle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STEP, KEEPALIVE, STOP = 0, 1, 2
+_HEADER = 8
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] flat KV slot of each new token
+    decode_tables: torch.Tensor  # [num_decode, width] block ids, zero-padded
+    decode_lens: torch.Tensor  # [num_decode] context length of each decode
+    prefills: torch.Tensor  # [P, 3]: first row in the batch, tokens in this chunk, cached before
+    prefill_tables: torch.Tensor  # the P block tables, concatenated
+    sample_rows: torch.Tensor  # [S] rows whose logits are sampled
+
+    _FIELDS = ("input_ids", "positions", "slots", "decode_tables", "decode_lens", "prefills",
+               "prefill_tables", "sample_rows")
+
+    def sizes(self) -> list[int]:
+        return [self.input_ids.numel(), self.decode_tables.shape[0], self.decode_tables.shape[1],
+                self.prefills.shape[0], self.prefill_tables.numel(), self.sample_rows.numel()]
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([getattr(self, f).reshape(-1) for f in self._FIELDS])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, sizes: list[int]) -> StepInputs:
+        t, nd, width, p, nt, s = sizes
+        shapes = [(t,), (t,), (t,), (nd, width), (nd,), (p, 3), (nt,), (s,)]
+        parts, at = [], 0
+        for shape in shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            parts.append(flat[at:at + n].view(shape))
+            at += n
+        return cls(*parts)
+
+
+def send(cmd: int, inputs: StepInputs | None, device: torch.device) -> None:
+    """Rank 0: tell every worker what to do next."""
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[0] = cmd
+    if inputs is not None:
+        header[1:7] = torch.tensor(inputs.sizes())
+    dist.broadcast(header.to(device), 0)
+    if inputs is not None:
+        dist.broadcast(inputs.pack().to(device), 0)
+
+
+def receive(device: torch.device) -> tuple[int, StepInputs | None]:
+    """Workers: the next command and, for a step, its inputs (on `device`)."""
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.broadcast(header, 0)
+    header = header.tolist()
+    if header[0] != STEP:
+        return header[0], None
+    sizes = header[1:7]
+    total = sizes[0] * 3 + sizes[1] * sizes[2] + sizes[1] + sizes[3] * 3 + sizes[4] + sizes[5]
+    flat = torch.empty(total, dtype=torch.int64, device=device)
+    dist.broadcast(flat, 0)
+    return STEP, StepInputs.unpack(flat, sizes)
