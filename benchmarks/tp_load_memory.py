@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
+
+from tandem.distributed.group import free_port
 
 
 def rss_anon() -> int:
@@ -90,9 +91,7 @@ def full_bytes(model: str, dtype: str) -> int:
 
 def measure(model: str, world: int, dtype: str = "float32") -> list[dict]:
     """Load with `world` ranks at once; one result per rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
                                "--model", model, "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--dtype", dtype],

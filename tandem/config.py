@@ -110,6 +110,11 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
                    "fp8_e5m2": torch.float8_e5m2}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'float8_e4m3fn': how logs and metric labels name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def fast_bf16(device: torch.device) -> bool:
     """bfloat16 only where the hardware computes it natively; emulated it is slower than fp32."""
     if device.type == "cuda":

@@ -69,13 +69,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._sent - self._taken
 
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def validate(self, prompt: str | list[int], params: SamplingParams,
+                 cache_salt: str | None = None) -> list[int]:
         """Everything add_request would reject, checked up front so HTTP can answer 400."""
-        params.validate()
-        params.check_vocab(self.engine.vocab_size)
-        ids = self.engine.tokenize(prompt)
-        self.engine.check_length(len(ids), params.max_tokens)
-        return ids
+        return self.engine.check_request(prompt, params, cache_salt)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        prompt_text: str | None = None,
@@ -83,7 +80,7 @@ class AsyncEngine:
         """Cumulative outputs as they advance; leaving the iterator early aborts the request."""
         if not self.running:
             raise EngineDeadError("engine is not running")
-        ids = self.validate(prompt, params)
+        ids = self.validate(prompt, params, cache_salt)
         out: asyncio.Queue = asyncio.Queue()
         self._sent += 1
         self._inbox.put(_Add(request_id, ids, params,

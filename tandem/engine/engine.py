@@ -95,14 +95,9 @@ class LLMEngine:
                     prompt_text: str | None = None) -> None:
         """Validate and queue a request; raises ValueError naming the bad field."""
         params = params or SamplingParams()
-        params.validate()
-        params.check_vocab(self.vocab_size)
         if request_id in self.parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        if cache_salt is not None:
-            check_text(cache_salt, "cache_salt")  # it is hashed into every block chain
-        ids = self.tokenize(prompt)
-        self.check_length(len(ids), params.max_tokens)
+        ids = self.check_request(prompt, params, cache_salt)
         parent = _Parent(request_id, prompt if isinstance(prompt, str) else prompt_text, ids)
         for i in range(params.n):  # build every child before registering any
             seed = None if params.seed is None else params.seed + i
@@ -114,6 +109,17 @@ class LLMEngine:
             self.children[child.req.request_id] = (parent, child)
             self.scheduler.add(child.req)
         self.parents[request_id] = parent
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams,
+                      cache_salt: str | None = None) -> list[int]:
+        """Everything about a request's content that add_request rejects; its token ids."""
+        params.validate()
+        params.check_vocab(self.vocab_size)
+        if cache_salt is not None:
+            check_text(cache_salt, "cache_salt")  # it is hashed into every block chain
+        ids = self.tokenize(prompt)
+        self.check_length(len(ids), params.max_tokens)
+        return ids
 
     def check_length(self, num_prompt: int, max_tokens: int) -> None:
         limit = self.max_model_len

@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from tandem.config import EngineConfig
+from tandem.config import EngineConfig, dtype_name
 from tandem.engine.async_engine import AsyncEngine
 from tandem.server.openai_api import ServerState, build_app
 
@@ -92,8 +92,8 @@ def serve(args: argparse.Namespace) -> int:
     e = engine.engine
     logger.info("tandem listening on http://%s:%d model=%s dtype=%s device=%s "
                 "kv_capacity_tokens=%d kv_cache_dtype=%s", args.host, args.port, state.model_name,
-                str(config.torch_dtype).removeprefix("torch."), config.torch_device,
-                e.kv_capacity_tokens, str(e.runner.kv_dtype).removeprefix("torch."))
+                dtype_name(config.torch_dtype), config.torch_device,
+                e.kv_capacity_tokens, dtype_name(e.runner.kv_dtype))
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5),

@@ -1,6 +1,7 @@
 """Prometheus text exposition of the engine's state, under vLLM's metric names (tandem: prefix)."""
 from __future__ import annotations
 
+from tandem.config import dtype_name
 from tandem.engine.engine import LLMEngine
 from tandem.engine.stats import Histogram
 
@@ -30,7 +31,7 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
     metric("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
            [(f"{{{label}}}", engine.kv.usage)])
     metric("kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds.",
-           [(f'{{{label},kv_cache_dtype="{str(engine.runner.kv_dtype).removeprefix("torch.")}"}}',
+           [(f'{{{label},kv_cache_dtype="{dtype_name(engine.runner.kv_dtype)}"}}',
              engine.kv_capacity_tokens)])
     metric("prompt_tokens_total", "counter", "Prompt tokens processed.",
            [(f"{{{label}}}", stats.prompt_tokens_total)])

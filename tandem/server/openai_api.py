@@ -17,7 +17,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_cache import HASH_SCHEME
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.loader.tokenizer import render_chat
+from tandem.loader.tokenizer import check_text, render_chat
 from tandem.server import responses as R
 from tandem.server.errors import APIError, from_value_error, install_error_handlers
 from tandem.server.metrics import render_metrics
@@ -68,6 +68,11 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
             ok |= hmac.compare_digest(given, key.encode())
         if not ok:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def default_max_tokens(num_prompt: int) -> int:
+        """vLLM's default when max_tokens is unset: the rest of the context the server has."""
+        e = engine.engine
+        return max(1, min(e.max_model_len, e.kv_capacity_tokens) - num_prompt)
 
     def admit(model: str | None) -> None:
         if model is not None and model != state.model_name:
@@ -121,10 +126,7 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
         if body.messages is not None:
             _, ids = render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages])
         else:
-            try:
-                body.prompt.encode('utf-8')
-            except UnicodeEncodeError:
-                raise APIError(400, 'prompt: is not valid Unicode text', 'prompt') from None
+            check_text(body.prompt, "prompt")
             ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
@@ -149,11 +151,10 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
         jobs, params = [], None
         for p in prompts:
             ids = engine.engine.tokenize(p)
-            limit = min(engine.engine.max_model_len, engine.engine.kv_capacity_tokens)
             max_tokens = (body.max_tokens if body.max_tokens is not None
-                          else max(1, limit - len(ids)))
+                          else default_max_tokens(len(ids)))
             params = body.sampling_params(max_tokens, logprobs)
-            engine.validate(ids, params)
+            engine.validate(ids, params, body.cache_salt)
             text = p if isinstance(p, str) else engine.tokenizer.decode(ids)
             jobs.append((_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -168,11 +169,10 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
         max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                       else body.max_tokens)
         if max_tokens is None:
-            limit = min(engine.engine.max_model_len, engine.engine.kv_capacity_tokens)
-            max_tokens = max(1, limit - len(ids))
+            max_tokens = default_max_tokens(len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs)
-        engine.validate(ids, params)
+        engine.validate(ids, params, body.cache_salt)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = [(_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params)]
         stream = _chat_stream if body.stream else _chat_full

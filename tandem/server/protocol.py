@@ -41,11 +41,6 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.cache_salt is not None:
-            try:
-                self.cache_salt.encode('utf-8')
-            except UnicodeEncodeError:
-                raise ValueError('cache_salt: is not valid Unicode text') from None
         bias = None
         if self.logit_bias:
             try:

@@ -90,13 +90,12 @@ def test_each_rank_loads_only_its_share_of_the_weights(tmp_path):
 def test_two_nodes_form_one_group(tiny_sharded):
     """--nnodes 2 on one host: node 1 is a `tandem serve --node-rank 1` process (compute only),
     node 0 is this process; they meet at --master-port like two machines would."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tandem.distributed.group import free_port
+
+    port = free_port("127.0.0.1")
     node1 = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", tiny_sharded,
                               "--dtype", "float32", "--kv-cache-memory", str(2**20), "-tp", "2",
                               "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
