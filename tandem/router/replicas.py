@@ -1,0 +1,141 @@
+"""The replicas behind the router: membership, health, load, and what their caches hold.
+
+Health has two inputs: active probes (GET the ready path every `interval`; `unhealthy_after`
+consecutive failures mark a replica down, `healthy_after` successes bring it back) and the
+circuit breaker that real requests feed. A replica takes new requests when it is up, not
+draining, and its breaker allows. For Tandem replicas each probe round also follows
+`/kv/events`, so cache-aware routing sees the engine's real blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+
+from tandem.router.breaker import CircuitBreaker
+from tandem.router.policies import ReplicaLoad
+from tandem.router.prefix_index import PrefixIndex
+
+logger = logging.getLogger("tandem.router")
+
+
+@dataclass
+class ProbeConfig:
+    path: str = "/ready"
+    interval: float = 1.0
+    timeout: float = 1.0
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+
+
+@dataclass
+class Replica:
+    url: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    healthy: bool = True
+    draining: bool = False
+    load: ReplicaLoad = None  # type: ignore[assignment]
+    fails: int = 0
+    oks: int = 0
+    block_size: int | None = None  # set once /kv/events answers: a Tandem replica
+    kv_instance: str | None = None
+    kv_seq: int | None = None
+    requests_total: int = 0
+    retries_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if self.load is None:
+            self.load = ReplicaLoad(self.id)
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.draining and self.breaker.state != "open"
+
+
+class ReplicaSet:
+    def __init__(self, index: PrefixIndex | None = None, probe: ProbeConfig | None = None):
+        self.replicas: dict[str, Replica] = {}
+        self.index = index or PrefixIndex()
+        self.probe = probe or ProbeConfig()
+
+    def add(self, url: str) -> Replica:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"url: not an http(s) URL: {url!r}")
+        r = Replica(url)
+        self.replicas[r.id] = r
+        return r
+
+    def remove(self, replica_id: str) -> Replica:
+        """Stop sending it work now; forget it (and its cache entries) once idle."""
+        r = self.replicas.get(replica_id)
+        if r is None:
+            raise KeyError(replica_id)
+        r.draining = True
+        if r.load.inflight_requests == 0:
+            self._forget(r)
+        return r
+
+    def finished(self, r: Replica) -> None:
+        """A request through `r` ended: a draining replica leaves when its last one does."""
+        if r.draining and r.load.inflight_requests == 0:
+            self._forget(r)
+
+    def _forget(self, r: Replica) -> None:
+        self.replicas.pop(r.id, None)
+        self.index.drop(r.id)
+
+    def available(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.available]
+
+    async def probe_once(self, client: httpx.AsyncClient, r: Replica) -> None:
+        p = self.probe
+        try:
+            resp = await client.get(r.url + p.path, timeout=p.timeout)
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            r.fails, r.oks = 0, r.oks + 1
+            if not r.healthy and r.oks >= p.healthy_after:
+                r.healthy = True
+                logger.info("replica %s (%s) is up", r.id, r.url)
+            await self._follow_kv(client, r)
+        else:
+            r.oks, r.fails = 0, r.fails + 1
+            if r.healthy and r.fails >= p.unhealthy_after:
+                r.healthy = False
+                logger.warning("replica %s (%s) is down", r.id, r.url)
+
+    async def _follow_kv(self, client: httpx.AsyncClient, r: Replica) -> None:
+        """Apply the replica's block events (a snapshot when new, behind, or restarted)."""
+        params = {} if r.kv_seq is None else {"since": r.kv_seq}
+        try:
+            resp = await client.get(r.url + "/kv/events", params=params,
+                                    timeout=self.probe.timeout)
+            body = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            body = None
+        if not isinstance(body, dict) or "instance" not in body:
+            return  # not a Tandem replica: the router's text index stands in
+        if body["instance"] != r.kv_instance and "snapshot" not in body:
+            r.kv_seq = None  # restarted: ask again for a snapshot next round
+            return
+        r.kv_instance, r.kv_seq, r.block_size = body["instance"], body["seq"], body["block_size"]
+        if "snapshot" in body:
+            self.index.replace(r.id, [bytes.fromhex(h) for h in body["snapshot"]])
+            return
+        for e in body["events"]:
+            key = [bytes.fromhex(e["hash"])]
+            (self.index.insert if e["type"] == "stored" else self.index.remove)(r.id, key)
+
+    async def probe_forever(self, client: httpx.AsyncClient) -> None:
+        while True:
+            await asyncio.gather(*(self.probe_once(client, r)
+                                   for r in list(self.replicas.values())))
+            await asyncio.sleep(self.probe.interval)
