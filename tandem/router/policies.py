@@ -21,6 +21,7 @@ class ReplicaLoad:
     inflight_requests: int = 0
     inflight_tokens: int = 0  # prompt + expected output tokens of requests in flight
     waiting_tokens: int = 0  # the replica's own queue, from its metrics (0 when unknown)
+    cached_blocks: int = 0  # what the router believes the replica's cache holds
 
     @property
     def queued_work(self) -> int:
@@ -73,7 +74,8 @@ class CacheAware:
         return uncached + self.load_weight * r.queued_work
 
     def pick(self, replicas: list[ReplicaLoad], req: RouteRequest) -> ReplicaLoad:
-        return min(replicas, key=lambda r: (self.cost(r, req), _less_loaded(r)))
+        # Among equals, the replica caching least: unrelated prefixes spread over the caches.
+        return min(replicas, key=lambda r: (self.cost(r, req), _less_loaded(r), r.cached_blocks))
 
 
 class Session:

@@ -1,0 +1,155 @@
+"""Forward one OpenAI request to a replica: pick, send, retry before the first byte, stream.
+
+A request is retried on another replica (jittered backoff) when the connection fails or the
+replica answers 429/502/503/504, as long as nothing has gone to the client yet. Once a stream
+has started it is never replayed: an upstream failure becomes an SSE error event and
+`data: [DONE]`, so the client sees a clean end instead of a hang.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from tandem.router.policies import RouteRequest
+from tandem.router.prefix_index import text_blocks
+from tandem.router.replicas import Replica, ReplicaSet
+from tandem.router.retry import Backoff, is_retryable
+
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+
+
+def routing_text(body: dict) -> str:
+    """The text whose prefix the replica's cache would reuse: the prompt, or the messages."""
+    if "messages" in body and isinstance(body["messages"], list):
+        parts = []
+        for m in body["messages"]:
+            if isinstance(m, dict):
+                c = m.get("content")
+                parts.append(f"{m.get('role', '')}\n{c if isinstance(c, str) else json.dumps(c)}")
+        return "\n".join(parts)
+    p = body.get("prompt")
+    return p if isinstance(p, str) else json.dumps(p) if p is not None else ""
+
+
+def error_body(status: int, message: str) -> dict:
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+@dataclass
+class Attempt:
+    replica: Replica
+    response: httpx.Response
+
+
+class Proxy:
+    def __init__(self, replicas: ReplicaSet, policy, client: httpx.AsyncClient,
+                 max_attempts: int = 3, backoff: Backoff | None = None, timeout: float = 600.0):
+        self.replicas, self.policy, self.client = replicas, policy, client
+        self.max_attempts, self.backoff, self.timeout = max_attempts, backoff or Backoff(), timeout
+
+    def choose(self, body: dict, session: str | None, exclude: set[str]) -> tuple[Replica, list]:
+        candidates = [r for r in self.replicas.available() if r.id not in exclude]
+        if not candidates:
+            raise LookupError("no replica is available")
+        text = routing_text(body)
+        keys = text_blocks(text)
+        hits = self.replicas.index.match(keys, [r.id for r in candidates])
+        for r in candidates:
+            r.load.cached_blocks = self.replicas.index.size(r.id)
+        chars_per_block = 64
+        req = RouteRequest(prompt_tokens=max(1, len(text) // 4),
+                           cached_tokens={k: v * chars_per_block // 4 for k, v in hits.items()},
+                           session=session)
+        pick = self.policy.pick([r.load for r in candidates], req)
+        return next(r for r in candidates if r.id == pick.name), keys
+
+    async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
+                   session: str | None) -> tuple[Replica, httpx.Response, list[bytes]]:
+        """The first acceptable upstream response (headers read, body not yet)."""
+        tried: set[str] = set()
+        last = "no replica is available"
+        for attempt in range(self.max_attempts):
+            try:
+                r, keys = self.choose(body, session, tried)
+            except LookupError:
+                break
+            tried.add(r.id)
+            if not r.breaker.allow():
+                continue
+            r.load.inflight_requests += 1
+            r.requests_total += 1
+            try:
+                req = self.client.build_request("POST", r.url + path, content=raw,
+                                                headers=headers, timeout=self.timeout)
+                resp = await self.client.send(req, stream=True)
+            except httpx.HTTPError as e:
+                status, last = None, f"replica {r.id}: {type(e).__name__}"
+            else:
+                status = resp.status_code
+                if not is_retryable(status, 0):
+                    return r, resp, keys
+                await resp.aclose()
+                last = f"replica {r.id} answered {status}"
+            r.load.inflight_requests -= 1
+            r.breaker.record_failure()
+            self.replicas.finished(r)
+            if attempt + 1 < self.max_attempts:
+                r.retries_total += 1
+                await asyncio.sleep(self.backoff.delay(attempt))
+        raise LookupError(last)
+
+    async def forward(self, path: str, raw: bytes, headers: dict[str, str]) -> Response:
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        session = headers.get("x-session-id") or (body.get("user") if isinstance(
+            body.get("user"), str) else None)
+        upstream_headers = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
+        try:
+            r, resp, keys = await self.send(path, raw, body, upstream_headers, session)
+        except LookupError as e:
+            return Response(json.dumps(error_body(503, str(e))), status_code=503,
+                            media_type="application/json", headers={"Retry-After": "1"})
+        if resp.status_code < 400:
+            self.replicas.index.insert(r.id, keys)
+        streaming = resp.headers.get("content-type", "").startswith("text/event-stream")
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+        if not streaming:
+            try:
+                content = await resp.aread()
+                r.breaker.record_success()
+            except httpx.HTTPError as e:
+                r.breaker.record_failure()
+                content = json.dumps(error_body(502, f"replica {r.id}: {e!r}")).encode()
+                return Response(content, status_code=502, media_type="application/json")
+            finally:
+                await self._done(r, resp)
+            return Response(content, status_code=resp.status_code, headers=out_headers)
+        return StreamingResponse(self._relay(r, resp), status_code=resp.status_code,
+                                 headers=out_headers)
+
+    async def _relay(self, r: Replica, resp: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+            r.breaker.record_success()
+        except httpx.HTTPError as e:
+            r.breaker.record_failure()
+            err = error_body(502, f"replica {r.id} failed mid-stream: {type(e).__name__}")
+            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            await self._done(r, resp)
+
+    async def _done(self, r: Replica, resp: httpx.Response) -> None:
+        await resp.aclose()
+        r.load.inflight_requests -= 1
+        self.replicas.finished(r)
