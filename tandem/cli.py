@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from tandem.config import add_engine_args
+from tandem.router.launch import add_router_args
 from tandem.server.launch import add_server_args
 
 
@@ -60,6 +61,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from tandem.router.launch import route
+
+    return route(args)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from tandem.loader.gguf import convert_gguf
 
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
+    rt = sub.add_parser("route", help="route OpenAI requests over several replicas")
+    add_router_args(rt)
+    rt.set_defaults(func=cmd_route)
     conv = sub.add_parser("convert", help="convert a GGUF file into an HF checkpoint folder")
     conv.add_argument("src")
     conv.add_argument("dest")

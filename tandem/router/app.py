@@ -1,0 +1,185 @@
+"""The router's HTTP app: OpenAI routes proxied to replicas, membership, health, metrics.
+
+Admission control bounds the work in flight (`max_concurrent`) and the queue in front of it
+(`max_queue`, each waiting at most `queue_timeout` seconds); beyond that the router answers 429
+with Retry-After instead of piling requests onto replicas that cannot take them.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from tandem.router.proxy import Proxy, error_body
+from tandem.router.replicas import ReplicaSet
+
+PROXIED = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class RouterState:
+    replicas: ReplicaSet
+    proxy: Proxy
+    api_keys: list[str] = field(default_factory=list)
+    max_concurrent: int = 256
+    max_queue: int = 1024
+    queue_timeout: float = 30.0
+    max_request_bytes: int = 1 << 20
+    draining: bool = False
+    inflight: int = 0
+    waiting: int = 0
+    rejected_total: int = 0
+    slots: asyncio.Semaphore | None = None
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+def build_router_app(state: RouterState) -> Starlette:
+    def authorized(request: Request) -> bool:
+        if not state.api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        ok = False
+        for key in state.api_keys:  # every key, always: timing reveals nothing
+            ok |= hmac.compare_digest(given, key.encode())
+        return ok
+
+    async def proxied(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "invalid or missing API key")
+        if state.draining:
+            return _error(503, "router is shutting down", {"Retry-After": "5"})
+        raw = await request.body()
+        if len(raw) > state.max_request_bytes:
+            return _error(413, f"request body is over {state.max_request_bytes} bytes")
+        if state.slots is None:
+            state.slots = asyncio.Semaphore(state.max_concurrent)
+        if state.slots.locked() and state.waiting >= state.max_queue:
+            state.rejected_total += 1
+            return _error(429, "too many requests queued at the router", {"Retry-After": "1"})
+        state.waiting += 1
+        try:
+            await asyncio.wait_for(state.slots.acquire(), state.queue_timeout)
+        except TimeoutError:
+            state.rejected_total += 1
+            return _error(503, "timed out waiting for capacity", {"Retry-After": "1"})
+        finally:
+            state.waiting -= 1
+        state.inflight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.inflight -= 1
+                state.slots.release()
+
+        try:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            resp = await state.proxy.forward(request.url.path, raw, headers)
+        except BaseException:
+            release()
+            raise
+        if hasattr(resp, "body_iterator"):  # a stream holds its slot until it ends
+            inner = resp.body_iterator
+
+            async def body():
+                try:
+                    async for chunk in inner:
+                        yield chunk
+                finally:
+                    release()
+            resp.body_iterator = body()
+        else:
+            release()
+        return resp
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if state.draining or not state.replicas.available():
+            return _error(503, "no replica is ready")
+        return JSONResponse({"status": "ready"})
+
+    def describe(r) -> dict:
+        return {"id": r.id, "url": r.url, "healthy": r.healthy, "draining": r.draining,
+                "breaker": r.breaker.state, "inflight": r.load.inflight_requests,
+                "requests": r.requests_total, "retries": r.retries_total,
+                "cached_blocks": state.replicas.index.size(r.id),
+                "tandem": r.block_size is not None}
+
+    async def workers(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "invalid or missing API key")
+        if request.method == "GET":
+            return JSONResponse({"workers": [describe(r)
+                                             for r in state.replicas.replicas.values()]})
+        try:
+            url = json.loads(await request.body())["url"]
+            return JSONResponse(describe(state.replicas.add(url)), status_code=201)
+        except (ValueError, KeyError, TypeError) as e:
+            return _error(400, f"url: give {{\"url\": \"http://host:port\"}} ({e})")
+
+    async def remove_worker(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "invalid or missing API key")
+        try:
+            r = state.replicas.remove(request.path_params["id"])
+        except KeyError:
+            return _error(404, "no such worker")
+        return JSONResponse(describe(r))
+
+    async def metrics(request: Request) -> Response:
+        lines = ["# TYPE tandem_router:inflight_requests gauge",
+                 f"tandem_router:inflight_requests {state.inflight}",
+                 "# TYPE tandem_router:rejected_total counter",
+                 f"tandem_router:rejected_total {state.rejected_total}"]
+        for name, kind, get in (
+                ("replica_requests_total", "counter", lambda r: r.requests_total),
+                ("replica_retries_total", "counter", lambda r: r.retries_total),
+                ("replica_healthy", "gauge", lambda r: int(r.healthy)),
+                ("replica_breaker_state", "gauge", lambda r: r.breaker.state_code)):
+            lines.append(f"# TYPE tandem_router:{name} {kind}")
+            lines += [f'tandem_router:{name}{{replica="{r.url}"}} {get(r)}'
+                      for r in state.replicas.replicas.values()]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.ensure_future(state.replicas.probe_forever(state.proxy.client))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await state.proxy.client.aclose()
+
+    routes = [Route(p, proxied, methods=["POST"]) for p in PROXIED] + [
+        Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
+        Route("/workers", workers, methods=["GET", "POST"]),
+        Route("/workers/{id}", remove_worker, methods=["DELETE"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def make_state(urls: list[str], policy_name: str = "cache_aware", **kwargs) -> RouterState:
+    from tandem.router.policies import make_policy
+
+    replicas = ReplicaSet()
+    for u in urls:
+        replicas.add(u)
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024,
+                                                   max_keepalive_connections=256))
+    return RouterState(replicas, Proxy(replicas, make_policy(policy_name), client), **kwargs)
