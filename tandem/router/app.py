@@ -174,7 +174,9 @@ def build_router_app(state: RouterState) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def make_state(urls: list[str], policy_name: str = "cache_aware", **kwargs) -> RouterState:
+def make_state(urls: list[str], policy_name: str = "cache_aware", tokenizer: str | None = None,
+               **kwargs) -> RouterState:
+    from tandem.router.engine_keys import EngineKeys
     from tandem.router.policies import make_policy
 
     replicas = ReplicaSet()
@@ -182,4 +184,6 @@ def make_state(urls: list[str], policy_name: str = "cache_aware", **kwargs) -> R
         replicas.add(u)
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024,
                                                    max_keepalive_connections=256))
-    return RouterState(replicas, Proxy(replicas, make_policy(policy_name), client), **kwargs)
+    keys = EngineKeys(tokenizer) if tokenizer else None
+    return RouterState(replicas, Proxy(replicas, make_policy(policy_name), client,
+                                       engine_keys=keys), **kwargs)

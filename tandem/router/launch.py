@@ -42,6 +42,9 @@ class DrainingRouter(uvicorn.Server):
 def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-urls", nargs="+", required=True, help="replica base URLs")
     p.add_argument("--policy", default="cache_aware", choices=list(POLICIES))
+    p.add_argument("--tokenizer", default=None,
+                   help="the replicas' model (folder or alias): match Tandem replicas' real "
+                        "KV blocks instead of text prefixes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[])
@@ -53,7 +56,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
 
 def route(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = make_state(args.worker_urls, args.policy, api_keys=list(args.api_key),
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request
+    state = make_state(args.worker_urls, args.policy, args.tokenizer,
+                       api_keys=list(args.api_key),
                        max_concurrent=args.max_concurrent_requests, max_queue=args.max_queue,
                        queue_timeout=args.queue_timeout)
     logger.info("tandem router on http://%s:%d policy=%s replicas=%s", args.host, args.port,

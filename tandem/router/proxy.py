@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import httpx
 from starlette.responses import Response, StreamingResponse
 
+from tandem.router.engine_keys import EngineKeys, block_keys
 from tandem.router.policies import RouteRequest
-from tandem.router.prefix_index import text_blocks
+from tandem.router.prefix_index import TEXT_BLOCK_CHARS, text_blocks
 from tandem.router.replicas import Replica, ReplicaSet
 from tandem.router.retry import Backoff, is_retryable
 
@@ -49,8 +50,10 @@ class Attempt:
 
 class Proxy:
     def __init__(self, replicas: ReplicaSet, policy, client: httpx.AsyncClient,
-                 max_attempts: int = 3, backoff: Backoff | None = None, timeout: float = 600.0):
+                 max_attempts: int = 3, backoff: Backoff | None = None, timeout: float = 600.0,
+                 engine_keys: EngineKeys | None = None):
         self.replicas, self.policy, self.client = replicas, policy, client
+        self.engine_keys = engine_keys
         self.max_attempts, self.backoff, self.timeout = max_attempts, backoff or Backoff(), timeout
 
     def choose(self, body: dict, session: str | None, exclude: set[str]) -> tuple[Replica, list]:
@@ -59,13 +62,20 @@ class Proxy:
             raise LookupError("no replica is available")
         text = routing_text(body)
         keys = text_blocks(text)
-        hits = self.replicas.index.match(keys, [r.id for r in candidates])
+        ids = self.engine_keys.token_ids(body) if self.engine_keys else None
+        cached, index = {}, self.replicas.index
         for r in candidates:
-            r.load.cached_blocks = self.replicas.index.size(r.id)
-        chars_per_block = 64
-        req = RouteRequest(prompt_tokens=max(1, len(text) // 4),
-                           cached_tokens={k: v * chars_per_block // 4 for k, v in hits.items()},
-                           session=session)
+            if ids is not None and r.block_size:  # exact: the engine's own blocks
+                salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+                n = self.replicas.engine_index.match(block_keys(ids, r.block_size, salt),
+                                                     [r.id])[r.id]
+                cached[r.id] = n * r.block_size
+                r.load.cached_blocks = self.replicas.engine_index.size(r.id)
+            else:  # approximate: 64 bytes of text ~ 16 tokens
+                cached[r.id] = index.match(keys, [r.id])[r.id] * TEXT_BLOCK_CHARS // 4
+                r.load.cached_blocks = index.size(r.id)
+        req = RouteRequest(prompt_tokens=len(ids) if ids else max(1, len(text) // 4),
+                           cached_tokens=cached, session=session)
         pick = self.policy.pick([r.load for r in candidates], req)
         return next(r for r in candidates if r.id == pick.name), keys
 

@@ -61,7 +61,8 @@ class Replica:
 class ReplicaSet:
     def __init__(self, index: PrefixIndex | None = None, probe: ProbeConfig | None = None):
         self.replicas: dict[str, Replica] = {}
-        self.index = index or PrefixIndex()
+        self.index = index or PrefixIndex()  # text keys the router recorded (any replica)
+        self.engine_index = PrefixIndex()  # Tandem replicas' own block hashes, from events
         self.probe = probe or ProbeConfig()
 
     def add(self, url: str) -> Replica:
@@ -89,6 +90,7 @@ class ReplicaSet:
     def _forget(self, r: Replica) -> None:
         self.replicas.pop(r.id, None)
         self.index.drop(r.id)
+        self.engine_index.drop(r.id)
 
     def available(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.available]
@@ -104,6 +106,7 @@ class ReplicaSet:
             r.fails, r.oks = 0, r.oks + 1
             if not r.healthy and r.oks >= p.healthy_after:
                 r.healthy = True
+                r.breaker = CircuitBreaker()  # it answers again: no stale open state
                 logger.info("replica %s (%s) is up", r.id, r.url)
             await self._follow_kv(client, r)
         else:
@@ -128,11 +131,12 @@ class ReplicaSet:
             return
         r.kv_instance, r.kv_seq, r.block_size = body["instance"], body["seq"], body["block_size"]
         if "snapshot" in body:
-            self.index.replace(r.id, [bytes.fromhex(h) for h in body["snapshot"]])
+            self.engine_index.replace(r.id, [bytes.fromhex(h) for h in body["snapshot"]])
             return
         for e in body["events"]:
             key = [bytes.fromhex(e["hash"])]
-            (self.index.insert if e["type"] == "stored" else self.index.remove)(r.id, key)
+            idx = self.engine_index
+            (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
 
     async def probe_forever(self, client: httpx.AsyncClient) -> None:
         while True:

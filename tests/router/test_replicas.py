@@ -74,12 +74,12 @@ def test_kv_events_feed_the_index_and_a_restart_resnapshots():
     probe(rs, b, r)
     assert r.block_size == 16 and r.kv_seq == 2
     keys = [bytes.fromhex(h) for h in (h1, h2, h3)]
-    assert rs.index.match(keys, [r.id]) == {r.id: 2}
+    assert rs.engine_index.match(keys, [r.id]) == {r.id: 2}
     b.kv = lambda req: {"instance": "i1", "seq": 4, "block_size": 16, "events": [
         {"seq": 3, "type": "stored", "hash": h3}, {"seq": 4, "type": "removed", "hash": h1}]}
     probe(rs, b, r)
     assert b.calls[-1].url.params["since"] == "2"
-    assert rs.index.match(keys, [r.id]) == {r.id: 0} and rs.index.size(r.id) == 2
+    assert rs.engine_index.match(keys, [r.id]) == {r.id: 0} and rs.engine_index.size(r.id) == 2
     # The replica restarted: a new instance, events relative to a seq we never saw.
     b.kv = lambda req: ({"instance": "i2", "seq": 1, "block_size": 16, "events": []}
                         if "since" in req.url.params else
@@ -87,7 +87,7 @@ def test_kv_events_feed_the_index_and_a_restart_resnapshots():
     probe(rs, b, r)
     assert r.kv_seq is None
     probe(rs, b, r)
-    assert r.kv_instance == "i2" and rs.index.match(keys, [r.id]) == {r.id: 1}
+    assert r.kv_instance == "i2" and rs.engine_index.match(keys, [r.id]) == {r.id: 1}
 
 
 def test_non_tandem_replicas_keep_no_kv_state():

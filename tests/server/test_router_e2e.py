@@ -17,7 +17,7 @@ def router(smollm2_dir):
     with start_server(smollm2_dir) as a, start_server(smollm2_dir) as b:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "route", "--worker-urls",
-                                 a.url, b.url, "--port", str(port)],
+                                 a.url, b.url, "--port", str(port), "--tokenizer", smollm2_dir],
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
