@@ -74,12 +74,22 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond which new ones get 503")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="replicas of the engine behind a cache-aware router")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines while busy (0: none)")
 
 
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_parallel_size > 1:
+        import sys
+
+        from tandem.router.data_parallel import serve_data_parallel
+
+        return serve_data_parallel(args, sys.argv[1:])
+    if args.data_parallel_size < 1:
+        raise ValueError("data_parallel_size: must be a positive integer")
     config = EngineConfig.from_args(args)
     if config.node_rank > 0:  # a compute-only node of a multi-node group: no HTTP here
         from tandem.distributed.worker import run_node

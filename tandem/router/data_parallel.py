@@ -1,0 +1,72 @@
+"""`tandem serve --data-parallel-size N`: N engine replicas on free loopback ports, and the
+router in front of them on --host/--port. For a model that fits one device but traffic that
+does not. The replicas are this process's children and end with it."""
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_argv(argv: list[str], port: int) -> list[str]:
+    """The serve command line for one replica: same engine flags, its own loopback port."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--data-parallel-size", "-dp", "--host", "--port"):
+            skip = True
+            continue
+        if a.startswith(("--data-parallel-size=", "--host=", "--port=")):
+            continue
+        out.append(a)
+    return [*out, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    from tandem.router.launch import route
+
+    ports = [_free_port() for _ in range(args.data_parallel_size)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tandem.cli", *replica_argv(argv, p)])
+             for p in ports]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        deadline = time.monotonic() + 600
+        for url, proc in zip(urls, procs):
+            while True:
+                if proc.poll() is not None:
+                    print(f"error: replica {url} exited with {proc.returncode}", file=sys.stderr)
+                    return 1
+                try:
+                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    return 1
+                time.sleep(0.2)
+        router_args = argparse.Namespace(
+            worker_urls=urls, policy="cache_aware", tokenizer=args.model, host=args.host,
+            port=args.port, api_key=list(args.api_key), max_concurrent_requests=1024,
+            max_queue=args.max_queue_len, queue_timeout=30.0,
+            shutdown_timeout=args.shutdown_timeout)
+        return route(router_args)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(args.shutdown_timeout + 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
