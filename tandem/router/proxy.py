@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -56,7 +57,9 @@ class Proxy:
         self.engine_keys = engine_keys
         self.max_attempts, self.backoff, self.timeout = max_attempts, backoff or Backoff(), timeout
 
-    def choose(self, body: dict, session: str | None, exclude: set[str]) -> tuple[Replica, list]:
+    def choose(self, body: dict, session: str | None,
+               exclude: set[str]) -> tuple[Replica, list, int]:
+        """The replica, the request's text keys, and its work in tokens (prompt + output)."""
         candidates = [r for r in self.replicas.available() if r.id not in exclude]
         if not candidates:
             raise LookupError("no replica is available")
@@ -77,22 +80,25 @@ class Proxy:
         req = RouteRequest(prompt_tokens=len(ids) if ids else max(1, len(text) // 4),
                            cached_tokens=cached, session=session)
         pick = self.policy.pick([r.load for r in candidates], req)
-        return next(r for r in candidates if r.id == pick.name), keys
+        out = body.get("max_completion_tokens") or body.get("max_tokens")
+        work = req.prompt_tokens + (out if isinstance(out, int) and out > 0 else 256)
+        return next(r for r in candidates if r.id == pick.name), keys, work
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
-                   session: str | None) -> tuple[Replica, httpx.Response, list[bytes]]:
+                   session: str | None) -> tuple[Replica, httpx.Response, list[bytes], int]:
         """The first acceptable upstream response (headers read, body not yet)."""
         tried: set[str] = set()
         last = "no replica is available"
         for attempt in range(self.max_attempts):
             try:
-                r, keys = self.choose(body, session, tried)
+                r, keys, work = self.choose(body, session, tried)
             except LookupError:
                 break
             tried.add(r.id)
             if not r.breaker.allow():
                 continue
             r.load.inflight_requests += 1
+            r.load.inflight_tokens += work
             r.requests_total += 1
             try:
                 req = self.client.build_request("POST", r.url + path, content=raw,
@@ -103,10 +109,11 @@ class Proxy:
             else:
                 status = resp.status_code
                 if not is_retryable(status, 0):
-                    return r, resp, keys
+                    return r, resp, keys, work
                 await resp.aclose()
                 last = f"replica {r.id} answered {status}"
             r.load.inflight_requests -= 1
+            r.load.inflight_tokens -= work
             r.breaker.record_failure()
             self.replicas.finished(r)
             if attempt + 1 < self.max_attempts:
@@ -124,15 +131,18 @@ class Proxy:
         session = headers.get("x-session-id") or (body.get("user") if isinstance(
             body.get("user"), str) else None)
         upstream_headers = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
+        request_id = upstream_headers.setdefault("x-request-id", uuid.uuid4().hex)
         try:
-            r, resp, keys = await self.send(path, raw, body, upstream_headers, session)
+            r, resp, keys, work = await self.send(path, raw, body, upstream_headers, session)
         except LookupError as e:
             return Response(json.dumps(error_body(503, str(e))), status_code=503,
-                            media_type="application/json", headers={"Retry-After": "1"})
+                            media_type="application/json",
+                            headers={"Retry-After": "1", "x-request-id": request_id})
         if resp.status_code < 400:
             self.replicas.index.insert(r.id, keys)
         streaming = resp.headers.get("content-type", "").startswith("text/event-stream")
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+        out_headers.setdefault("x-request-id", request_id)
         if not streaming:
             try:
                 content = await resp.aread()
@@ -142,12 +152,12 @@ class Proxy:
                 content = json.dumps(error_body(502, f"replica {r.id}: {e!r}")).encode()
                 return Response(content, status_code=502, media_type="application/json")
             finally:
-                await self._done(r, resp)
+                await self._done(r, resp, work)
             return Response(content, status_code=resp.status_code, headers=out_headers)
-        return StreamingResponse(self._relay(r, resp), status_code=resp.status_code,
+        return StreamingResponse(self._relay(r, resp, work), status_code=resp.status_code,
                                  headers=out_headers)
 
-    async def _relay(self, r: Replica, resp: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, r: Replica, resp: httpx.Response, work: int) -> AsyncIterator[bytes]:
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
@@ -157,9 +167,10 @@ class Proxy:
             err = error_body(502, f"replica {r.id} failed mid-stream: {type(e).__name__}")
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            await self._done(r, resp)
+            await self._done(r, resp, work)
 
-    async def _done(self, r: Replica, resp: httpx.Response) -> None:
+    async def _done(self, r: Replica, resp: httpx.Response, work: int) -> None:
         await resp.aclose()
         r.load.inflight_requests -= 1
+        r.load.inflight_tokens -= work
         self.replicas.finished(r)

@@ -102,3 +102,29 @@ def test_routing_text():
     assert routing_text({"prompt": [1, 2]}) == "[1, 2]"
     assert routing_text({"messages": [{"role": "user", "content": "x"}]}) == "user\nx"
     assert routing_text({}) == ""
+
+
+def test_load_in_tokens_is_tracked_and_released():
+    proxy, reps, _ = make({"a": ok})
+    status, _ = call(proxy, {"prompt": "x" * 400, "max_tokens": 10})
+    assert status == 200
+    assert reps["a"].load.inflight_tokens == 0 and reps["a"].load.inflight_requests == 0
+    _, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
+    assert work == 100 + 10
+
+
+def test_request_id_is_forwarded_or_made():
+    got = []
+
+    def echo(request):
+        got.append(request.headers.get("x-request-id"))
+        return httpx.Response(200, json={})
+
+    proxy, _, _ = make({"a": echo})
+
+    async def go(headers):
+        resp = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
+        return resp.headers["x-request-id"]
+    assert asyncio.run(go({"x-request-id": "abc"})) == "abc" and got[-1] == "abc"
+    made = asyncio.run(go({}))
+    assert made and got[-1] == made
