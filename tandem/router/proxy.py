@@ -82,6 +82,7 @@ class Proxy:
         pick = self.policy.pick([r.load for r in candidates], req)
         out = body.get("max_completion_tokens") or body.get("max_tokens")
         work = req.prompt_tokens + (out if isinstance(out, int) and out > 0 else 256)
+        self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
         return next(r for r in candidates if r.id == pick.name), keys, work
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],

@@ -21,6 +21,8 @@ from tandem.router.policies import ReplicaLoad
 from tandem.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger("tandem.router")
+_WAITING = re.compile(r"^(?:tandem|vllm):num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+]+)$",
+                      re.MULTILINE)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ReplicaSet:
         self.index = index or PrefixIndex()  # text keys the router recorded (any replica)
         self.engine_index = PrefixIndex()  # Tandem replicas' own block hashes, from events
         self.probe = probe or ProbeConfig()
+        self.avg_work = 256.0  # tokens per request, a running mean the proxy keeps
 
     def add(self, url: str) -> Replica:
         if not re.match(r"^https?://[^/\s]+", url):
@@ -109,6 +112,7 @@ class ReplicaSet:
                 r.breaker = CircuitBreaker()  # it answers again: no stale open state
                 logger.info("replica %s (%s) is up", r.id, r.url)
             await self._follow_kv(client, r)
+            await self._scrape_queue(client, r)
         else:
             r.oks, r.fails = 0, r.fails + 1
             if r.healthy and r.fails >= p.unhealthy_after:
@@ -137,6 +141,19 @@ class ReplicaSet:
             key = [bytes.fromhex(e["hash"])]
             idx = self.engine_index
             (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
+
+    async def _scrape_queue(self, client: httpx.AsyncClient, r: Replica) -> None:
+        """The replica's own waiting queue (Tandem's or vLLM's metric), as tokens of work: it
+        also holds requests that other routers or clients sent there directly."""
+        try:
+            resp = await client.get(r.url + "/metrics", timeout=self.probe.timeout)
+        except httpx.HTTPError:
+            return
+        if resp.status_code != 200:
+            return
+        m = _WAITING.search(resp.text)
+        if m:
+            r.load.waiting_tokens = int(float(m.group(1)) * self.avg_work)
 
     async def probe_forever(self, client: httpx.AsyncClient) -> None:
         while True:

@@ -78,7 +78,8 @@ def test_kv_events_feed_the_index_and_a_restart_resnapshots():
     b.kv = lambda req: {"instance": "i1", "seq": 4, "block_size": 16, "events": [
         {"seq": 3, "type": "stored", "hash": h3}, {"seq": 4, "type": "removed", "hash": h1}]}
     probe(rs, b, r)
-    assert b.calls[-1].url.params["since"] == "2"
+    kv_calls = [c for c in b.calls if c.url.path == "/kv/events"]
+    assert kv_calls[-1].url.params["since"] == "2"
     assert rs.engine_index.match(keys, [r.id]) == {r.id: 0} and rs.engine_index.size(r.id) == 2
     # The replica restarted: a new instance, events relative to a seq we never saw.
     b.kv = lambda req: ({"instance": "i2", "seq": 1, "block_size": 16, "events": []}
@@ -113,3 +114,21 @@ def test_remove_drains_then_forgets_and_purges_the_index():
         rs.remove("nope")
     with pytest.raises(ValueError, match="^url: "):
         rs.add("ftp://x")
+
+
+def test_the_replicas_own_queue_counts_as_load():
+    rs = ReplicaSet()
+    r = rs.add("http://a:1")
+    rs.avg_work = 100
+
+    def handler(request):
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text='# TYPE x gauge\ntandem:num_requests_waiting'
+                                             '{model_name="m"} 3.0\n')
+        return httpx.Response(200, json={})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            await rs.probe_once(c, r)
+    run(go())
+    assert r.load.waiting_tokens == 300
