@@ -155,6 +155,16 @@ def build_router_app(state: RouterState) -> Starlette:
             lines.append(f"# TYPE tandem_router:{name} {kind}")
             lines += [f'tandem_router:{name}{{replica="{r.url}"}} {get(r)}'
                       for r in state.replicas.replicas.values()]
+        lines.append("# TYPE tandem_router:replica_latency_seconds histogram")
+        for r in state.replicas.replicas.values():
+            total, h = 0, r.latency
+            for bound, count in zip((*h.buckets, "+Inf"), h.counts):
+                total += count
+                lines.append(f'tandem_router:replica_latency_seconds_bucket{{replica="{r.url}",'
+                             f'le="{bound}"}} {total}')
+            lines.append(f'tandem_router:replica_latency_seconds_sum{{replica="{r.url}"}} {h.sum}')
+            lines.append(f'tandem_router:replica_latency_seconds_count{{replica="{r.url}"}} '
+                         f'{h.count}')
         return PlainTextResponse("\n".join(lines) + "\n")
 
     @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class Proxy:
             r.load.inflight_requests += 1
             r.load.inflight_tokens += work
             r.requests_total += 1
+            started = time.monotonic()
             try:
                 req = self.client.build_request("POST", r.url + path, content=raw,
                                                 headers=headers, timeout=self.timeout)
@@ -110,6 +112,7 @@ class Proxy:
             else:
                 status = resp.status_code
                 if not is_retryable(status, 0):
+                    resp.extensions["tandem_started"] = started
                     return r, resp, keys, work
                 await resp.aclose()
                 last = f"replica {r.id} answered {status}"
@@ -172,6 +175,7 @@ class Proxy:
 
     async def _done(self, r: Replica, resp: httpx.Response, work: int) -> None:
         await resp.aclose()
+        r.latency.observe(time.monotonic() - resp.extensions["tandem_started"])
         r.load.inflight_requests -= 1
         r.load.inflight_tokens -= work
         self.replicas.finished(r)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tandem.engine.stats import Histogram
 from tandem.router.breaker import CircuitBreaker
 from tandem.router.policies import ReplicaLoad
 from tandem.router.prefix_index import PrefixIndex
@@ -49,6 +50,7 @@ class Replica:
     kv_seq: int | None = None
     requests_total: int = 0
     retries_total: int = 0
+    latency: Histogram = field(default_factory=Histogram)  # until the last byte, per request
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")

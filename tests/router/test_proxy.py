@@ -128,3 +128,10 @@ def test_request_id_is_forwarded_or_made():
     assert asyncio.run(go({"x-request-id": "abc"})) == "abc" and got[-1] == "abc"
     made = asyncio.run(go({}))
     assert made and got[-1] == made
+
+
+def test_latency_is_observed_per_replica():
+    proxy, reps, _ = make({"a": ok})
+    call(proxy, {"prompt": "hi"})
+    call(proxy, {"prompt": "hi", "stream": True})
+    assert reps["a"].latency.count == 2 and reps["a"].latency.sum >= 0

@@ -45,6 +45,11 @@ def test_completions_and_streams_through_the_router(router):
         model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
         temperature=0, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = httpx.get(f"{url}/metrics").text
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("tandem_router:replica_latency_seconds_count")]
+    assert len(counts) == 2 and sum(counts) >= 2
+    assert "tandem_router:replica_breaker_state" in text
 
 
 def test_shared_prefix_lands_on_the_replica_holding_it(router):
