@@ -12,7 +12,6 @@ import hmac
 import json
 from dataclasses import dataclass, field
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -20,6 +19,7 @@ from starlette.routing import Route
 
 from tandem.router.proxy import Proxy, error_body
 from tandem.router.replicas import ReplicaSet
+from tandem.router.upstream import upstream_session
 
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 
@@ -169,13 +169,14 @@ def build_router_app(state: RouterState) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state.proxy.client = upstream_session()
         task = asyncio.ensure_future(state.replicas.probe_forever(state.proxy.client))
         try:
             yield
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await state.proxy.client.aclose()
+            await state.proxy.client.close()
 
     routes = [Route(p, proxied, methods=["POST"]) for p in PROXIED] + [
         Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
@@ -185,15 +186,13 @@ def build_router_app(state: RouterState) -> Starlette:
 
 
 def make_state(urls: list[str], policy_name: str = "cache_aware", tokenizer: str | None = None,
-               **kwargs) -> RouterState:
+               request_timeout: float = 600.0, **kwargs) -> RouterState:
     from tandem.router.engine_keys import EngineKeys
     from tandem.router.policies import make_policy
 
     replicas = ReplicaSet()
     for u in urls:
         replicas.add(u)
-    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024,
-                                                   max_keepalive_connections=256))
     keys = EngineKeys(tokenizer) if tokenizer else None
-    return RouterState(replicas, Proxy(replicas, make_policy(policy_name), client,
-                                       engine_keys=keys), **kwargs)
+    proxy = Proxy(replicas, make_policy(policy_name), timeout=request_timeout, engine_keys=keys)
+    return RouterState(replicas, proxy, **kwargs)

@@ -51,16 +51,17 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=256)
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--queue-timeout", type=float, default=30.0)
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take upstream, stream included")
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
 
 
 def route(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request
     state = make_state(args.worker_urls, args.policy, args.tokenizer,
                        api_keys=list(args.api_key),
                        max_concurrent=args.max_concurrent_requests, max_queue=args.max_queue,
-                       queue_timeout=args.queue_timeout)
+                       queue_timeout=args.queue_timeout, request_timeout=args.request_timeout)
     logger.info("tandem router on http://%s:%d policy=%s replicas=%s", args.host, args.port,
                 args.policy, " ".join(args.worker_urls))
     server = DrainingRouter(uvicorn.Config(build_router_app(state), host=args.host,

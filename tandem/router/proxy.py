@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from tandem.router.engine_keys import EngineKeys, block_keys
@@ -22,6 +22,7 @@ from tandem.router.policies import RouteRequest
 from tandem.router.prefix_index import TEXT_BLOCK_CHARS, text_blocks
 from tandem.router.replicas import Replica, ReplicaSet
 from tandem.router.retry import Backoff, is_retryable
+from tandem.router.upstream import UPSTREAM_ERRORS
 
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 
@@ -45,13 +46,17 @@ def error_body(status: int, message: str) -> dict:
 
 
 @dataclass
-class Attempt:
+class Upstream:
+    """The replica's answer (status and headers read, body not yet) and what it is charged."""
     replica: Replica
-    response: httpx.Response
+    response: aiohttp.ClientResponse
+    keys: list[bytes]
+    work: int
+    started: float
 
 
 class Proxy:
-    def __init__(self, replicas: ReplicaSet, policy, client: httpx.AsyncClient,
+    def __init__(self, replicas: ReplicaSet, policy, client: aiohttp.ClientSession | None = None,
                  max_attempts: int = 3, backoff: Backoff | None = None, timeout: float = 600.0,
                  engine_keys: EngineKeys | None = None):
         self.replicas, self.policy, self.client = replicas, policy, client
@@ -87,8 +92,8 @@ class Proxy:
         return next(r for r in candidates if r.id == pick.name), keys, work
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
-                   session: str | None) -> tuple[Replica, httpx.Response, list[bytes], int]:
-        """The first acceptable upstream response (headers read, body not yet)."""
+                   session: str | None) -> Upstream:
+        """The first acceptable upstream response."""
         tried: set[str] = set()
         last = "no replica is available"
         for attempt in range(self.max_attempts):
@@ -104,18 +109,15 @@ class Proxy:
             r.requests_total += 1
             started = time.monotonic()
             try:
-                req = self.client.build_request("POST", r.url + path, content=raw,
-                                                headers=headers, timeout=self.timeout)
-                resp = await self.client.send(req, stream=True)
-            except httpx.HTTPError as e:
-                status, last = None, f"replica {r.id}: {type(e).__name__}"
+                resp = await self.client.post(r.url + path, data=raw, headers=headers,
+                                              timeout=aiohttp.ClientTimeout(total=self.timeout))
+            except UPSTREAM_ERRORS as e:
+                last = f"replica {r.id}: {type(e).__name__}"
             else:
-                status = resp.status_code
-                if not is_retryable(status, 0):
-                    resp.extensions["tandem_started"] = started
-                    return r, resp, keys, work
-                await resp.aclose()
-                last = f"replica {r.id} answered {status}"
+                if not is_retryable(resp.status, 0):
+                    return Upstream(r, resp, keys, work, started)
+                resp.close()
+                last = f"replica {r.id} answered {resp.status}"
             r.load.inflight_requests -= 1
             r.load.inflight_tokens -= work
             r.breaker.record_failure()
@@ -137,45 +139,51 @@ class Proxy:
         upstream_headers = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
         request_id = upstream_headers.setdefault("x-request-id", uuid.uuid4().hex)
         try:
-            r, resp, keys, work = await self.send(path, raw, body, upstream_headers, session)
+            up = await self.send(path, raw, body, upstream_headers, session)
         except LookupError as e:
             return Response(json.dumps(error_body(503, str(e))), status_code=503,
                             media_type="application/json",
                             headers={"Retry-After": "1", "x-request-id": request_id})
-        if resp.status_code < 400:
-            self.replicas.index.insert(r.id, keys)
+        r, resp = up.replica, up.response
+        if resp.status < 400:
+            self.replicas.index.insert(r.id, up.keys)
         streaming = resp.headers.get("content-type", "").startswith("text/event-stream")
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
         out_headers.setdefault("x-request-id", request_id)
         if not streaming:
             try:
-                content = await resp.aread()
+                content = await resp.read()
                 r.breaker.record_success()
-            except httpx.HTTPError as e:
+            except UPSTREAM_ERRORS as e:
                 r.breaker.record_failure()
                 content = json.dumps(error_body(502, f"replica {r.id}: {e!r}")).encode()
                 return Response(content, status_code=502, media_type="application/json")
             finally:
-                await self._done(r, resp, work)
-            return Response(content, status_code=resp.status_code, headers=out_headers)
-        return StreamingResponse(self._relay(r, resp, work), status_code=resp.status_code,
-                                 headers=out_headers)
+                self._done(up)
+            return Response(content, status_code=resp.status, headers=out_headers)
+        return StreamingResponse(self._relay(up), status_code=resp.status, headers=out_headers)
 
-    async def _relay(self, r: Replica, resp: httpx.Response, work: int) -> AsyncIterator[bytes]:
+    async def _relay(self, up: Upstream) -> AsyncIterator[bytes]:
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in up.response.content.iter_any():
                 yield chunk
-            r.breaker.record_success()
-        except httpx.HTTPError as e:
-            r.breaker.record_failure()
-            err = error_body(502, f"replica {r.id} failed mid-stream: {type(e).__name__}")
+            up.replica.breaker.record_success()
+        except UPSTREAM_ERRORS as e:
+            up.replica.breaker.record_failure()
+            err = error_body(502, f"replica {up.replica.id} failed mid-stream: "
+                                  f"{type(e).__name__}")
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            await self._done(r, resp, work)
+            self._done(up)
 
-    async def _done(self, r: Replica, resp: httpx.Response, work: int) -> None:
-        await resp.aclose()
-        r.latency.observe(time.monotonic() - resp.extensions["tandem_started"])
+    def _done(self, up: Upstream) -> None:
+        # A fully read body hands the connection back to the pool; a cut one closes it.
+        if up.response.content.at_eof():
+            up.response.release()
+        else:
+            up.response.close()
+        r = up.replica
+        r.latency.observe(time.monotonic() - up.started)
         r.load.inflight_requests -= 1
-        r.load.inflight_tokens -= work
+        r.load.inflight_tokens -= up.work
         self.replicas.finished(r)

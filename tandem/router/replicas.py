@@ -9,17 +9,19 @@ draining, and its breaker allows. For Tandem replicas each probe round also foll
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from tandem.engine.stats import Histogram
 from tandem.router.breaker import CircuitBreaker
 from tandem.router.policies import ReplicaLoad
 from tandem.router.prefix_index import PrefixIndex
+from tandem.router.upstream import get_text
 
 logger = logging.getLogger("tandem.router")
 _WAITING = re.compile(r"^(?:tandem|vllm):num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+]+)$",
@@ -100,14 +102,10 @@ class ReplicaSet:
     def available(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.available]
 
-    async def probe_once(self, client: httpx.AsyncClient, r: Replica) -> None:
+    async def probe_once(self, client: aiohttp.ClientSession, r: Replica) -> None:
         p = self.probe
-        try:
-            resp = await client.get(r.url + p.path, timeout=p.timeout)
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
+        got = await get_text(client, r.url + p.path, p.timeout)
+        if got is not None and got[0] == 200:
             r.fails, r.oks = 0, r.oks + 1
             if not r.healthy and r.oks >= p.healthy_after:
                 r.healthy = True
@@ -121,14 +119,13 @@ class ReplicaSet:
                 r.healthy = False
                 logger.warning("replica %s (%s) is down", r.id, r.url)
 
-    async def _follow_kv(self, client: httpx.AsyncClient, r: Replica) -> None:
+    async def _follow_kv(self, client: aiohttp.ClientSession, r: Replica) -> None:
         """Apply the replica's block events (a snapshot when new, behind, or restarted)."""
-        params = {} if r.kv_seq is None else {"since": r.kv_seq}
+        params = {} if r.kv_seq is None else {"since": str(r.kv_seq)}
+        got = await get_text(client, r.url + "/kv/events", self.probe.timeout, params)
         try:
-            resp = await client.get(r.url + "/kv/events", params=params,
-                                    timeout=self.probe.timeout)
-            body = resp.json() if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            body = json.loads(got[1]) if got is not None and got[0] == 200 else None
+        except ValueError:
             body = None
         if not isinstance(body, dict) or "instance" not in body:
             return  # not a Tandem replica: the router's text index stands in
@@ -144,20 +141,17 @@ class ReplicaSet:
             idx = self.engine_index
             (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
 
-    async def _scrape_queue(self, client: httpx.AsyncClient, r: Replica) -> None:
+    async def _scrape_queue(self, client: aiohttp.ClientSession, r: Replica) -> None:
         """The replica's own waiting queue (Tandem's or vLLM's metric), as tokens of work: it
         also holds requests that other routers or clients sent there directly."""
-        try:
-            resp = await client.get(r.url + "/metrics", timeout=self.probe.timeout)
-        except httpx.HTTPError:
+        got = await get_text(client, r.url + "/metrics", self.probe.timeout)
+        if got is None or got[0] != 200:
             return
-        if resp.status_code != 200:
-            return
-        m = _WAITING.search(resp.text)
+        m = _WAITING.search(got[1])
         if m:
             r.load.waiting_tokens = int(float(m.group(1)) * self.avg_work)
 
-    async def probe_forever(self, client: httpx.AsyncClient) -> None:
+    async def probe_forever(self, client: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.gather(*(self.probe_once(client, r)
                                    for r in list(self.replicas.values())))

@@ -1,35 +1,45 @@
-"""The proxy's retry and streaming rules against mock replicas (httpx MockTransport)."""
+"""The proxy's retry and streaming rules against real fake replicas (aiohttp servers)."""
 import asyncio
 import json
+from contextlib import contextmanager
 
-import httpx
+from aiohttp import web
 
 from tandem.router.policies import CacheAware, RoundRobin
 from tandem.router.proxy import Proxy, routing_text
 from tandem.router.replicas import ReplicaSet
 from tandem.router.retry import Backoff
+from tandem.router.upstream import upstream_session
+
+from fake_replicas import FakeReplicas  # isort: skip
 
 
-class Broken(httpx.AsyncByteStream):
+async def broken(request: web.Request) -> web.StreamResponse:
     """An SSE stream that sends one event, then the connection drops."""
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices": [{"text": "Hel"}]}\n\n')
+    request.transport.close()
+    return resp
 
-    async def __aiter__(self):
-        yield b'data: {"choices": [{"text": "Hel"}]}\n\n'
-        raise httpx.ReadError("connection reset")
 
-
+@contextmanager
 def make(handlers: dict, policy=None):
-    rs = ReplicaSet()
-    reps = {host: rs.add(f"http://{host}:1") for host in handlers}
-    seen = []
+    with FakeReplicas(handlers) as fake:
+        rs = ReplicaSet()
+        reps = {name: rs.add(url) for name, url in fake.urls.items()}
+        proxy = Proxy(rs, policy or RoundRobin(), backoff=Backoff(base=0.001, cap=0.002))
+        yield proxy, reps, fake.seen
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.host)
-        return handlers[request.url.host](request)
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    proxy = Proxy(rs, policy or RoundRobin(), client, backoff=Backoff(base=0.001, cap=0.002))
-    return proxy, reps, seen
+def run(proxy: Proxy, coro_fn):
+    async def go():
+        proxy.client = upstream_session()
+        try:
+            return await coro_fn()
+        finally:
+            await proxy.client.close()
+    return asyncio.run(go())
 
 
 def call(proxy, body: dict, path="/v1/completions", headers=None):
@@ -40,61 +50,59 @@ def call(proxy, body: dict, path="/v1/completions", headers=None):
             return resp.status_code, b"".join(c if isinstance(c, bytes) else c.encode()
                                               for c in chunks)
         return resp.status_code, resp.body
-    return asyncio.run(go())
+    return run(proxy, go)
 
 
-def ok(request):
-    return httpx.Response(200, json={"from": request.url.host})
+def ok(request: web.Request) -> web.Response:
+    return web.json_response({"from": request.url.port})
+
+
+def status(code: int):
+    return lambda request: web.json_response({"error": {}}, status=code)
 
 
 def test_503_is_retried_on_another_replica():
-    proxy, reps, seen = make({"a": lambda r: httpx.Response(503, json={}), "b": ok})
-    status, body = call(proxy, {"prompt": "hi"})
-    assert status == 200 and json.loads(body) == {"from": "b"} and seen == ["a", "b"]
-    assert reps["a"].retries_total == 1 and reps["a"].load.inflight_requests == 0
-    assert reps["b"].load.inflight_requests == 0
+    with make({"a": status(503), "b": ok}) as (proxy, reps, seen):
+        code, body = call(proxy, {"prompt": "hi"})
+        assert code == 200 and json.loads(body) == {"from": int(reps["b"].url.rsplit(":")[-1])}
+        assert seen == ["a", "b"]
+        assert reps["a"].retries_total == 1 and reps["a"].load.inflight_requests == 0
+        assert reps["b"].load.inflight_requests == 0
 
 
 def test_400_is_not_retried():
-    proxy, _, seen = make({"a": lambda r: httpx.Response(400, json={"error": {}}), "b": ok})
-    status, _ = call(proxy, {"prompt": "hi"})
-    assert status == 400 and seen == ["a"]
+    with make({"a": status(400), "b": ok}) as (proxy, _, seen):
+        code, body = call(proxy, {"prompt": "hi"})
+        assert code == 400 and seen == ["a"] and json.loads(body) == {"error": {}}
 
 
 def test_connection_failures_everywhere_give_503():
-    def refuse(request):
-        raise httpx.ConnectError("refused")
-
-    proxy, reps, seen = make({"a": refuse, "b": refuse})
-    status, body = call(proxy, {"prompt": "hi"})
-    assert status == 503 and json.loads(body)["error"]["message"]
-    assert sorted(seen) == ["a", "b"]
-    assert all(r.load.inflight_requests == 0 for r in reps.values())
+    with make({"a": None, "b": None}) as (proxy, reps, _):
+        code, body = call(proxy, {"prompt": "hi"})
+        assert code == 503 and json.loads(body)["error"]["message"]
+        assert all(r.retries_total + r.requests_total >= 1 for r in reps.values())
+        assert all(r.load.inflight_requests == 0 for r in reps.values())
 
 
 def test_a_stream_that_breaks_ends_with_an_error_event_not_a_replay():
-    def stream(request):
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              stream=Broken())
-
-    proxy, reps, seen = make({"a": stream, "b": stream})
-    status, body = call(proxy, {"prompt": "hi", "stream": True})
-    text = body.decode()
-    assert status == 200 and seen == ["a"]  # never replayed on b
-    assert text.startswith('data: {"choices"') and '"error"' in text
-    assert text.endswith("data: [DONE]\n\n")
-    assert reps["a"].load.inflight_requests == 0
+    with make({"a": broken, "b": broken}) as (proxy, reps, seen):
+        code, body = call(proxy, {"prompt": "hi", "stream": True})
+        text = body.decode()
+        assert code == 200 and seen == ["a"]  # never replayed on b
+        assert text.startswith('data: {"choices"') and '"error"' in text
+        assert text.endswith("data: [DONE]\n\n")
+        assert reps["a"].load.inflight_requests == 0 and reps["a"].breaker._failures == 1
 
 
 def test_cache_aware_sends_a_shared_prefix_back_to_its_replica():
-    proxy, _, seen = make({"a": ok, "b": ok, "c": ok}, CacheAware())
-    system = "You are a helpful assistant. " * 40
-    for q in ("What is 2+2?", "Name a colour.", "Say hi."):
-        call(proxy, {"messages": [{"role": "system", "content": system},
-                                  {"role": "user", "content": q}]}, "/v1/chat/completions")
-    assert len(set(seen)) == 1, seen
-    call(proxy, {"prompt": "something else entirely " * 20})
-    assert len(set(seen)) == 2  # an unrelated prompt goes to an idle replica
+    with make({"a": ok, "b": ok, "c": ok}, CacheAware()) as (proxy, _, seen):
+        system = "You are a helpful assistant. " * 40
+        for q in ("What is 2+2?", "Name a colour.", "Say hi."):
+            call(proxy, {"messages": [{"role": "system", "content": system},
+                                      {"role": "user", "content": q}]}, "/v1/chat/completions")
+        assert len(set(seen)) == 1, seen
+        call(proxy, {"prompt": "something else entirely " * 20})
+        assert len(set(seen)) == 2  # an unrelated prompt goes to an idle replica
 
 
 def test_routing_text():
@@ -105,12 +113,12 @@ def test_routing_text():
 
 
 def test_load_in_tokens_is_tracked_and_released():
-    proxy, reps, _ = make({"a": ok})
-    status, _ = call(proxy, {"prompt": "x" * 400, "max_tokens": 10})
-    assert status == 200
-    assert reps["a"].load.inflight_tokens == 0 and reps["a"].load.inflight_requests == 0
-    _, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
-    assert work == 100 + 10
+    with make({"a": ok}) as (proxy, reps, _):
+        code, _ = call(proxy, {"prompt": "x" * 400, "max_tokens": 10})
+        assert code == 200
+        assert reps["a"].load.inflight_tokens == 0 and reps["a"].load.inflight_requests == 0
+        _, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
+        assert work == 100 + 10
 
 
 def test_request_id_is_forwarded_or_made():
@@ -118,20 +126,26 @@ def test_request_id_is_forwarded_or_made():
 
     def echo(request):
         got.append(request.headers.get("x-request-id"))
-        return httpx.Response(200, json={})
+        return web.json_response({})
 
-    proxy, _, _ = make({"a": echo})
-
-    async def go(headers):
-        resp = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
-        return resp.headers["x-request-id"]
-    assert asyncio.run(go({"x-request-id": "abc"})) == "abc" and got[-1] == "abc"
-    made = asyncio.run(go({}))
-    assert made and got[-1] == made
+    with make({"a": echo}) as (proxy, _, _):
+        def go(headers):
+            async def one():
+                resp = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
+                return resp.headers["x-request-id"]
+            return run(proxy, one)
+        assert go({"x-request-id": "abc"}) == "abc" and got[-1] == "abc"
+        made = go({})
+        assert made and got[-1] == made
 
 
 def test_latency_is_observed_per_replica():
-    proxy, reps, _ = make({"a": ok})
-    call(proxy, {"prompt": "hi"})
-    call(proxy, {"prompt": "hi", "stream": True})
-    assert reps["a"].latency.count == 2 and reps["a"].latency.sum >= 0
+    def sse(request):
+        return web.Response(body=b"data: {}\n\ndata: [DONE]\n\n",
+                            headers={"content-type": "text/event-stream"})
+
+    with make({"a": sse}) as (proxy, reps, _):
+        assert call(proxy, {"prompt": "hi"})[0] == 200
+        code, body = call(proxy, {"prompt": "hi", "stream": True})
+        assert code == 200 and body.endswith(b"data: [DONE]\n\n")
+        assert reps["a"].latency.count == 2 and reps["a"].latency.sum >= 0
