@@ -118,7 +118,9 @@ def build_router_app(state: RouterState) -> Starlette:
         return {"id": r.id, "url": r.url, "healthy": r.healthy, "draining": r.draining,
                 "breaker": r.breaker.state, "inflight": r.load.inflight_requests,
                 "requests": r.requests_total, "retries": r.retries_total,
-                "cached_blocks": state.replicas.index.size(r.id),
+                "inflight_tokens": r.load.inflight_tokens,
+                "waiting_tokens": r.load.waiting_tokens,
+                "hit_rate": r.hit_rate, "cached_blocks": r.load.cached_blocks,
                 "tandem": r.block_size is not None}
 
     async def workers(request: Request) -> Response:
@@ -151,10 +153,11 @@ def build_router_app(state: RouterState) -> Starlette:
                 ("replica_requests_total", "counter", lambda r: r.requests_total),
                 ("replica_retries_total", "counter", lambda r: r.retries_total),
                 ("replica_healthy", "gauge", lambda r: int(r.healthy)),
-                ("replica_breaker_state", "gauge", lambda r: r.breaker.state_code)):
+                ("replica_breaker_state", "gauge", lambda r: r.breaker.state_code),
+                ("replica_prefix_hit_rate", "gauge", lambda r: r.hit_rate)):
             lines.append(f"# TYPE tandem_router:{name} {kind}")
             lines += [f'tandem_router:{name}{{replica="{r.url}"}} {get(r)}'
-                      for r in state.replicas.replicas.values()]
+                      for r in state.replicas.replicas.values() if get(r) is not None]
         lines.append("# TYPE tandem_router:replica_latency_seconds histogram")
         for r in state.replicas.replicas.values():
             total, h = 0, r.latency

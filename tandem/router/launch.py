@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import time
 
@@ -67,5 +68,9 @@ def route(args: argparse.Namespace) -> int:
     server = DrainingRouter(uvicorn.Config(build_router_app(state), host=args.host,
                                            port=args.port, log_level="warning"),
                             state, args.shutdown_timeout)
+    # What was imported so far (the CLI pulls in torch) lives as long as the process: keep it
+    # out of the collector's full passes, which otherwise stall every request in flight.
+    gc.collect()
+    gc.freeze()
     server.run()
     return 0

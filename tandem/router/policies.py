@@ -66,6 +66,8 @@ class PowerOfTwo:
 
 
 class CacheAware:
+    uses_cache = True  # the proxy computes prefix matches only for policies that read them
+
     def __init__(self, load_weight: float = 1.0):
         self.load_weight = load_weight  # tokens of queued work per token of prefill saved
 

@@ -45,6 +45,10 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
+class UpstreamTimeout(Exception):
+    """The replica took longer than the request timeout; not retried (it may be running)."""
+
+
 @dataclass
 class Upstream:
     """The replica's answer (status and headers read, body not yet) and what it is charged."""
@@ -70,11 +74,29 @@ class Proxy:
         if not candidates:
             raise LookupError("no replica is available")
         text = routing_text(body)
-        keys = text_blocks(text)
-        ids = self.engine_keys.token_ids(body) if self.engine_keys else None
+        keys, ids, cached = [], None, {}
+        if getattr(self.policy, "uses_cache", False):
+            keys = text_blocks(text)
+            ids = self.engine_keys.token_ids(body) if self.engine_keys else None
+            cached = self._cached_tokens(body, candidates, keys, ids)
+        req = RouteRequest(prompt_tokens=len(ids) if ids else max(1, len(text) // 4),
+                           cached_tokens=cached, session=session)
+        pick = self.policy.pick([r.load for r in candidates], req)
+        chosen = next(r for r in candidates if r.id == pick.name)
+        chosen.prompt_tokens += req.prompt_tokens
+        chosen.expected_hit_tokens += min(cached.get(chosen.id, 0), req.prompt_tokens)
+        out = body.get("max_completion_tokens") or body.get("max_tokens")
+        work = req.prompt_tokens + (out if isinstance(out, int) and out > 0 else 256)
+        self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
+        return chosen, keys, work
+
+    def _cached_tokens(self, body: dict, candidates: list[Replica], keys: list[bytes],
+                       ids: list[int] | None) -> dict[str, int]:
+        """Tokens of the request's prefix each replica holds, by the engine's own blocks where
+        known (Tandem replicas and --tokenizer), else by the text the router sent it."""
         cached, index = {}, self.replicas.index
         for r in candidates:
-            if ids is not None and r.block_size:  # exact: the engine's own blocks
+            if ids is not None and r.block_size:
                 salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
                 n = self.replicas.engine_index.match(block_keys(ids, r.block_size, salt),
                                                      [r.id])[r.id]
@@ -83,13 +105,7 @@ class Proxy:
             else:  # approximate: 64 bytes of text ~ 16 tokens
                 cached[r.id] = index.match(keys, [r.id])[r.id] * TEXT_BLOCK_CHARS // 4
                 r.load.cached_blocks = index.size(r.id)
-        req = RouteRequest(prompt_tokens=len(ids) if ids else max(1, len(text) // 4),
-                           cached_tokens=cached, session=session)
-        pick = self.policy.pick([r.load for r in candidates], req)
-        out = body.get("max_completion_tokens") or body.get("max_tokens")
-        work = req.prompt_tokens + (out if isinstance(out, int) and out > 0 else 256)
-        self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
-        return next(r for r in candidates if r.id == pick.name), keys, work
+        return cached
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
                    session: str | None) -> Upstream:
@@ -108,10 +124,15 @@ class Proxy:
             r.load.inflight_tokens += work
             r.requests_total += 1
             started = time.monotonic()
+            timed_out = False
             try:
                 resp = await self.client.post(r.url + path, data=raw, headers=headers,
                                               timeout=aiohttp.ClientTimeout(total=self.timeout))
-            except UPSTREAM_ERRORS as e:
+            except aiohttp.ConnectionTimeoutError as e:  # never reached it: safe to retry
+                last = f"replica {r.id}: {type(e).__name__}"
+            except TimeoutError:  # it may still be working on it: a retry would run it twice
+                timed_out = True
+            except aiohttp.ClientError as e:
                 last = f"replica {r.id}: {type(e).__name__}"
             else:
                 if not is_retryable(resp.status, 0):
@@ -122,6 +143,8 @@ class Proxy:
             r.load.inflight_tokens -= work
             r.breaker.record_failure()
             self.replicas.finished(r)
+            if timed_out:
+                raise UpstreamTimeout(f"replica {r.id} did not answer within {self.timeout:g}s")
             if attempt + 1 < self.max_attempts:
                 r.retries_total += 1
                 await asyncio.sleep(self.backoff.delay(attempt))
@@ -140,6 +163,9 @@ class Proxy:
         request_id = upstream_headers.setdefault("x-request-id", uuid.uuid4().hex)
         try:
             up = await self.send(path, raw, body, upstream_headers, session)
+        except UpstreamTimeout as e:
+            return Response(json.dumps(error_body(504, str(e))), status_code=504,
+                            media_type="application/json", headers={"x-request-id": request_id})
         except LookupError as e:
             return Response(json.dumps(error_body(503, str(e))), status_code=503,
                             media_type="application/json",

@@ -26,6 +26,8 @@ from tandem.router.upstream import get_text
 logger = logging.getLogger("tandem.router")
 _WAITING = re.compile(r"^(?:tandem|vllm):num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+]+)$",
                       re.MULTILINE)
+_PREFIX = re.compile(r"^(?:tandem|vllm):prefix_cache_(hits|queries)_total(?:\{[^}]*\})? "
+                     r"([0-9.eE+]+)$", re.MULTILINE)
 
 
 @dataclass
@@ -53,6 +55,18 @@ class Replica:
     requests_total: int = 0
     retries_total: int = 0
     latency: Histogram = field(default_factory=Histogram)  # until the last byte, per request
+    prompt_tokens: int = 0  # routed here, and how many of them the router expected cached
+    expected_hit_tokens: int = 0
+    cache_counters: dict[str, float] = field(default_factory=dict)  # the replica's own
+
+    @property
+    def hit_rate(self) -> float | None:
+        """The replica's prefix-cache hit rate in tokens: its own counters when it exports
+        them (Tandem, vLLM), else what the router expected when it routed here."""
+        c = self.cache_counters
+        if c.get("queries"):
+            return c["hits"] / c["queries"]
+        return self.expected_hit_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -147,6 +161,7 @@ class ReplicaSet:
         got = await get_text(client, r.url + "/metrics", self.probe.timeout)
         if got is None or got[0] != 200:
             return
+        r.cache_counters = {kind: float(v) for kind, v in _PREFIX.findall(got[1])}
         m = _WAITING.search(got[1])
         if m:
             r.load.waiting_tokens = int(float(m.group(1)) * self.avg_work)

@@ -103,6 +103,8 @@ def test_cache_aware_sends_a_shared_prefix_back_to_its_replica():
         assert len(set(seen)) == 1, seen
         call(proxy, {"prompt": "something else entirely " * 20})
         assert len(set(seen)) == 2  # an unrelated prompt goes to an idle replica
+        first = next(r for r in proxy.replicas.replicas.values() if r.requests_total == 3)
+        assert 0.5 < first.hit_rate < 1  # the 2nd and 3rd found the system prompt there
 
 
 def test_routing_text():
@@ -117,8 +119,10 @@ def test_load_in_tokens_is_tracked_and_released():
         code, _ = call(proxy, {"prompt": "x" * 400, "max_tokens": 10})
         assert code == 200
         assert reps["a"].load.inflight_tokens == 0 and reps["a"].load.inflight_requests == 0
-        _, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
+        keys, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
         assert work == 100 + 10
+        assert keys == []  # round robin reads no cache state, so none is computed
+        assert reps["a"].prompt_tokens == 200 and reps["a"].hit_rate == 0.0
 
 
 def test_request_id_is_forwarded_or_made():
@@ -149,3 +153,31 @@ def test_latency_is_observed_per_replica():
         code, body = call(proxy, {"prompt": "hi", "stream": True})
         assert code == 200 and body.endswith(b"data: [DONE]\n\n")
         assert reps["a"].latency.count == 2 and reps["a"].latency.sum >= 0
+
+
+def test_a_replica_past_the_request_timeout_gives_504_without_a_retry():
+    async def slow(request):
+        await asyncio.sleep(1)
+        return web.json_response({})
+
+    with make({"a": slow, "b": slow}) as (proxy, reps, seen):
+        proxy.timeout = 0.3
+        code, body = call(proxy, {"prompt": "hi"})
+        assert code == 504 and "0.3s" in json.loads(body)["error"]["message"]
+        assert len(seen) == 1  # the slow replica may still be running it: not sent twice
+        assert all(r.load.inflight_requests == 0 for r in reps.values())
+
+
+def test_a_stream_past_the_request_timeout_ends_with_an_error_event():
+    async def stalls(request):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"text": "Hel"}]}\n\n')
+        await asyncio.sleep(1)
+        return resp
+
+    with make({"a": stalls}) as (proxy, reps, _):
+        proxy.timeout = 0.3
+        code, body = call(proxy, {"prompt": "hi", "stream": True})
+        assert code == 200 and b'"error"' in body and body.endswith(b"data: [DONE]\n\n")
+        assert reps["a"].load.inflight_requests == 0

@@ -128,6 +128,10 @@ def test_the_replicas_own_queue_counts_as_load():
     rs = ReplicaSet()
     rs.avg_work = 100
     with replica(rs) as (r, b, _):
-        b.metrics = '# TYPE x gauge\ntandem:num_requests_waiting{model_name="m"} 3.0\n'
+        r.prompt_tokens, r.expected_hit_tokens = 100, 10
+        assert r.hit_rate == 0.1  # the router's own expectation, until the replica says
+        b.metrics = ('# TYPE x gauge\ntandem:num_requests_waiting{model_name="m"} 3.0\n'
+                     'tandem:prefix_cache_queries_total{model_name="m"} 200.0\n'
+                     'tandem:prefix_cache_hits_total{model_name="m"} 150.0\n')
         probe(rs, r)
-        assert r.load.waiting_tokens == 300
+        assert r.load.waiting_tokens == 300 and r.hit_rate == 0.75
