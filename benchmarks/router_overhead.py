@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -108,21 +110,22 @@ async def open_loop(url: str, rate: float, duration: float) -> dict:
             errors += 1
             return
         if status == 200:
-            latencies.append(loop.time() - due)
+            latencies.append(time.perf_counter() - due)
         else:
             errors += 1
 
     await asyncio.gather(*(client.post() for _ in range(4)))  # warm connections
     tasks = []
-    start = loop.time() + 0.01
+    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+    start = time.perf_counter() + 0.01
     for i in range(n):
         due = start + i / rate
-        delay = due - loop.time()
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(loop.create_task(one(due)))
     await asyncio.gather(*tasks)
-    wall = loop.time() - start
+    wall = time.perf_counter() - start
     lat = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
     return {"sent": n, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / wall,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
@@ -143,7 +146,14 @@ def measure(targets: dict[str, str], rates: list[float], duration: float, runs: 
         for rate in rates:
             order = names[run % len(names):] + names[:run % len(names)]
             for name in order:
-                res = asyncio.run(open_loop(targets[name], rate, duration))
+                # The load generator's own collector pauses (it holds torch's objects via
+                # machine()) would land in every target's p99 alike: none while measuring.
+                gc.collect()
+                gc.disable()
+                try:
+                    res = asyncio.run(open_loop(targets[name], rate, duration))
+                finally:
+                    gc.enable()
                 results[name][rate].append(res)
                 say(f"run {run + 1} rate {rate:g} {name}: p50 {res['p50_ms']:.2f} ms "
                     f"p99 {res['p99_ms']:.2f} ms ok {res['ok']}/{res['sent']} "
@@ -179,6 +189,11 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the raw results here")
     args = p.parse_args()
     say = lambda s: print(s, file=sys.stderr, flush=True)
+    try:
+        import uvloop  # the loop the routers and the stub run on too
+        uvloop.install()
+    except ImportError:
+        pass
 
     with ExitStack() as stack:
         cmd, url = stub_cmd()

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +57,7 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait(10)
 
 
-def wait_for(url: str, proc: subprocess.Popen, probe: callable, timeout: float = 180.0) -> None:
+def wait_for(url: str, proc: subprocess.Popen, probe: Callable[[str], bool], timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -78,7 +78,7 @@ def routes_a_request(url: str) -> bool:
 
 
 @contextmanager
-def process(cmd: list[str], url: str, probe: callable = routes_a_request,
+def process(cmd: list[str], url: str, probe: Callable[[str], bool] = routes_a_request,
             env: dict | None = None) -> Iterator[str]:
     """Run `cmd` (its output to a log under .bench/logs), yield `url` once `probe` passes."""
     logs = ROOT / ".bench" / "logs"

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from tandem.router.proxy import Proxy, error_body
 from tandem.router.replicas import ReplicaSet
-from tandem.router.upstream import upstream_session
+from tandem.router.upstream import Pool
 
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 
@@ -44,6 +44,21 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it is over `limit` bytes (by Content-Length, or counted as it
+    arrives), so an oversized body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def build_router_app(state: RouterState) -> Starlette:
     def authorized(request: Request) -> bool:
         if not state.api_keys:
@@ -60,22 +75,26 @@ def build_router_app(state: RouterState) -> Starlette:
             return _error(401, "invalid or missing API key")
         if state.draining:
             return _error(503, "router is shutting down", {"Retry-After": "5"})
-        raw = await request.body()
-        if len(raw) > state.max_request_bytes:
+        raw = await read_body(request, state.max_request_bytes)
+        if raw is None:
             return _error(413, f"request body is over {state.max_request_bytes} bytes")
         if state.slots is None:
             state.slots = asyncio.Semaphore(state.max_concurrent)
-        if state.slots.locked() and state.waiting >= state.max_queue:
-            state.rejected_total += 1
-            return _error(429, "too many requests queued at the router", {"Retry-After": "1"})
-        state.waiting += 1
-        try:
-            await asyncio.wait_for(state.slots.acquire(), state.queue_timeout)
-        except TimeoutError:
-            state.rejected_total += 1
-            return _error(503, "timed out waiting for capacity", {"Retry-After": "1"})
-        finally:
-            state.waiting -= 1
+        if not state.slots.locked():
+            await state.slots.acquire()  # a free slot: no queue, no timer
+        else:
+            if state.waiting >= state.max_queue:
+                state.rejected_total += 1
+                return _error(429, "too many requests queued at the router",
+                              {"Retry-After": "1"})
+            state.waiting += 1
+            try:
+                await asyncio.wait_for(state.slots.acquire(), state.queue_timeout)
+            except TimeoutError:
+                state.rejected_total += 1
+                return _error(503, "timed out waiting for capacity", {"Retry-After": "1"})
+            finally:
+                state.waiting -= 1
         state.inflight += 1
         released = False
 
@@ -172,7 +191,7 @@ def build_router_app(state: RouterState) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.proxy.client = upstream_session()
+        state.proxy.client = Pool()
         task = asyncio.ensure_future(state.replicas.probe_forever(state.proxy.client))
         try:
             yield

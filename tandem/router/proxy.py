@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from tandem.router.engine_keys import EngineKeys, block_keys
@@ -22,7 +21,8 @@ from tandem.router.policies import RouteRequest
 from tandem.router.prefix_index import TEXT_BLOCK_CHARS, text_blocks
 from tandem.router.replicas import Replica, ReplicaSet
 from tandem.router.retry import Backoff, is_retryable
-from tandem.router.upstream import UPSTREAM_ERRORS
+from tandem.router.upstream import ConnectFailed, Pool, UpstreamError, UpstreamTimeout
+from tandem.router.upstream import Response as UpstreamResponse
 
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 
@@ -45,22 +45,18 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-class UpstreamTimeout(Exception):
-    """The replica took longer than the request timeout; not retried (it may be running)."""
-
-
 @dataclass
 class Upstream:
     """The replica's answer (status and headers read, body not yet) and what it is charged."""
     replica: Replica
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     keys: list[bytes]
     work: int
     started: float
 
 
 class Proxy:
-    def __init__(self, replicas: ReplicaSet, policy, client: aiohttp.ClientSession | None = None,
+    def __init__(self, replicas: ReplicaSet, policy, client: Pool | None = None,
                  max_attempts: int = 3, backoff: Backoff | None = None, timeout: float = 600.0,
                  engine_keys: EngineKeys | None = None):
         self.replicas, self.policy, self.client = replicas, policy, client
@@ -69,7 +65,8 @@ class Proxy:
 
     def choose(self, body: dict, session: str | None,
                exclude: set[str]) -> tuple[Replica, list, int]:
-        """The replica, the request's text keys, and its work in tokens (prompt + output)."""
+        """The replica, the request's text keys, and its work in tokens (uncached prompt +
+        output)."""
         candidates = [r for r in self.replicas.available() if r.id not in exclude]
         if not candidates:
             raise LookupError("no replica is available")
@@ -83,28 +80,31 @@ class Proxy:
                            cached_tokens=cached, session=session)
         pick = self.policy.pick([r.load for r in candidates], req)
         chosen = next(r for r in candidates if r.id == pick.name)
+        hit = min(cached.get(chosen.id, 0), req.prompt_tokens)
         chosen.prompt_tokens += req.prompt_tokens
-        chosen.expected_hit_tokens += min(cached.get(chosen.id, 0), req.prompt_tokens)
+        chosen.expected_hit_tokens += hit
         out = body.get("max_completion_tokens") or body.get("max_tokens")
-        work = req.prompt_tokens + (out if isinstance(out, int) and out > 0 else 256)
+        # What it costs the replica: the prefill it still has to compute, and the output.
+        work = req.prompt_tokens - hit + (out if isinstance(out, int) and out > 0 else 256)
         self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
         return chosen, keys, work
 
     def _cached_tokens(self, body: dict, candidates: list[Replica], keys: list[bytes],
                        ids: list[int] | None) -> dict[str, int]:
-        """Tokens of the request's prefix each replica holds, by the engine's own blocks where
-        known (Tandem replicas and --tokenizer), else by the text the router sent it."""
+        """Tokens of the request's prefix each replica holds: by the text the router sent it
+        (64 bytes ~ 16 tokens), and for Tandem replicas (with --tokenizer) by the engine's own
+        blocks. The engine's events arrive a probe interval late, so a prefix routed there a
+        moment ago counts by its text until they do; the larger of the two stands."""
         cached, index = {}, self.replicas.index
+        salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         for r in candidates:
+            cached[r.id] = index.match(keys, [r.id])[r.id] * TEXT_BLOCK_CHARS // 4
+            r.load.cached_blocks = index.size(r.id)
             if ids is not None and r.block_size:
-                salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
                 n = self.replicas.engine_index.match(block_keys(ids, r.block_size, salt),
                                                      [r.id])[r.id]
-                cached[r.id] = n * r.block_size
+                cached[r.id] = max(cached[r.id], n * r.block_size)
                 r.load.cached_blocks = self.replicas.engine_index.size(r.id)
-            else:  # approximate: 64 bytes of text ~ 16 tokens
-                cached[r.id] = index.match(keys, [r.id])[r.id] * TEXT_BLOCK_CHARS // 4
-                r.load.cached_blocks = index.size(r.id)
         return cached
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
@@ -126,23 +126,22 @@ class Proxy:
             started = time.monotonic()
             timed_out = False
             try:
-                resp = await self.client.post(r.url + path, data=raw, headers=headers,
-                                              timeout=aiohttp.ClientTimeout(total=self.timeout))
-            except aiohttp.ConnectionTimeoutError as e:  # never reached it: safe to retry
-                last = f"replica {r.id}: {type(e).__name__}"
-            except TimeoutError:  # it may still be working on it: a retry would run it twice
+                resp = await self.client.request("POST", r.url + path, raw, headers,
+                                                 self.timeout)
+            except ConnectFailed as e:  # never reached it (or it died first): retry elsewhere
+                last = f"replica {r.id}: {e}"
+            except UpstreamTimeout:  # it may still be working on it: a retry would run it twice
                 timed_out = True
-            except aiohttp.ClientError as e:
-                last = f"replica {r.id}: {type(e).__name__}"
+            except BaseException:
+                self._unload(r, work)
+                raise
             else:
                 if not is_retryable(resp.status, 0):
                     return Upstream(r, resp, keys, work, started)
-                resp.close()
+                resp.release()
                 last = f"replica {r.id} answered {resp.status}"
-            r.load.inflight_requests -= 1
-            r.load.inflight_tokens -= work
+            self._unload(r, work)
             r.breaker.record_failure()
-            self.replicas.finished(r)
             if timed_out:
                 raise UpstreamTimeout(f"replica {r.id} did not answer within {self.timeout:g}s")
             if attempt + 1 < self.max_attempts:
@@ -173,14 +172,14 @@ class Proxy:
         r, resp = up.replica, up.response
         if resp.status < 400:
             self.replicas.index.insert(r.id, up.keys)
-        streaming = resp.headers.get("content-type", "").startswith("text/event-stream")
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+        streaming = resp.header("content-type").startswith("text/event-stream")
+        out_headers = {k: v for k, v in resp.headers if k not in _HOP_HEADERS}
         out_headers.setdefault("x-request-id", request_id)
         if not streaming:
             try:
                 content = await resp.read()
                 r.breaker.record_success()
-            except UPSTREAM_ERRORS as e:
+            except UpstreamError as e:
                 r.breaker.record_failure()
                 content = json.dumps(error_body(502, f"replica {r.id}: {e!r}")).encode()
                 return Response(content, status_code=502, media_type="application/json")
@@ -191,10 +190,10 @@ class Proxy:
 
     async def _relay(self, up: Upstream) -> AsyncIterator[bytes]:
         try:
-            async for chunk in up.response.content.iter_any():
+            async for chunk in up.response.chunks():
                 yield chunk
             up.replica.breaker.record_success()
-        except UPSTREAM_ERRORS as e:
+        except UpstreamError as e:
             up.replica.breaker.record_failure()
             err = error_body(502, f"replica {up.replica.id} failed mid-stream: "
                                   f"{type(e).__name__}")
@@ -203,13 +202,11 @@ class Proxy:
             self._done(up)
 
     def _done(self, up: Upstream) -> None:
-        # A fully read body hands the connection back to the pool; a cut one closes it.
-        if up.response.content.at_eof():
-            up.response.release()
-        else:
-            up.response.close()
-        r = up.replica
-        r.latency.observe(time.monotonic() - up.started)
+        up.response.release()
+        up.replica.latency.observe(time.monotonic() - up.started)
+        self._unload(up.replica, up.work)
+
+    def _unload(self, r: Replica, work: int) -> None:
         r.load.inflight_requests -= 1
-        r.load.inflight_tokens -= up.work
+        r.load.inflight_tokens -= work
         self.replicas.finished(r)

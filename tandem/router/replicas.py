@@ -15,17 +15,15 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from tandem.engine.stats import Histogram
 from tandem.router.breaker import CircuitBreaker
 from tandem.router.policies import ReplicaLoad
 from tandem.router.prefix_index import PrefixIndex
-from tandem.router.upstream import get_text
+from tandem.router.upstream import Pool
 
 logger = logging.getLogger("tandem.router")
-_WAITING = re.compile(r"^(?:tandem|vllm):num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+]+)$",
-                      re.MULTILINE)
+_QUEUE = re.compile(r"^(?:tandem|vllm):num_requests_(running|waiting)(?:\{[^}]*\})? "
+                    r"([0-9.eE+]+)$", re.MULTILINE)
 _PREFIX = re.compile(r"^(?:tandem|vllm):prefix_cache_(hits|queries)_total(?:\{[^}]*\})? "
                      r"([0-9.eE+]+)$", re.MULTILINE)
 
@@ -116,9 +114,9 @@ class ReplicaSet:
     def available(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.available]
 
-    async def probe_once(self, client: aiohttp.ClientSession, r: Replica) -> None:
+    async def probe_once(self, client: Pool, r: Replica) -> None:
         p = self.probe
-        got = await get_text(client, r.url + p.path, p.timeout)
+        got = await client.get_text(r.url + p.path, p.timeout)
         if got is not None and got[0] == 200:
             r.fails, r.oks = 0, r.oks + 1
             if not r.healthy and r.oks >= p.healthy_after:
@@ -133,10 +131,10 @@ class ReplicaSet:
                 r.healthy = False
                 logger.warning("replica %s (%s) is down", r.id, r.url)
 
-    async def _follow_kv(self, client: aiohttp.ClientSession, r: Replica) -> None:
+    async def _follow_kv(self, client: Pool, r: Replica) -> None:
         """Apply the replica's block events (a snapshot when new, behind, or restarted)."""
         params = {} if r.kv_seq is None else {"since": str(r.kv_seq)}
-        got = await get_text(client, r.url + "/kv/events", self.probe.timeout, params)
+        got = await client.get_text(r.url + "/kv/events", self.probe.timeout, params)
         try:
             body = json.loads(got[1]) if got is not None and got[0] == 200 else None
         except ValueError:
@@ -155,18 +153,21 @@ class ReplicaSet:
             idx = self.engine_index
             (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
 
-    async def _scrape_queue(self, client: aiohttp.ClientSession, r: Replica) -> None:
-        """The replica's own waiting queue (Tandem's or vLLM's metric), as tokens of work: it
-        also holds requests that other routers or clients sent there directly."""
-        got = await get_text(client, r.url + "/metrics", self.probe.timeout)
+    async def _scrape_queue(self, client: Pool, r: Replica) -> None:
+        """Work at the replica that did not come through this router (its running + waiting
+        requests, Tandem's or vLLM's metric, beyond ours), in tokens, and its hit counters."""
+        got = await client.get_text(r.url + "/metrics", self.probe.timeout)
         if got is None or got[0] != 200:
             return
         r.cache_counters = {kind: float(v) for kind, v in _PREFIX.findall(got[1])}
-        m = _WAITING.search(got[1])
-        if m:
-            r.load.waiting_tokens = int(float(m.group(1)) * self.avg_work)
+        queue = {kind: float(v) for kind, v in _QUEUE.findall(got[1])}
+        if queue:
+            # The router's own in-flight requests are already in inflight_tokens: count only
+            # the ones others sent there (other routers, direct clients).
+            others = sum(queue.values()) - r.load.inflight_requests
+            r.load.waiting_tokens = int(max(0.0, others) * self.avg_work)
 
-    async def probe_forever(self, client: aiohttp.ClientSession) -> None:
+    async def probe_forever(self, client: Pool) -> None:
         while True:
             await asyncio.gather(*(self.probe_once(client, r)
                                    for r in list(self.replicas.values())))

@@ -9,7 +9,7 @@ from tandem.router.policies import CacheAware, RoundRobin
 from tandem.router.proxy import Proxy, routing_text
 from tandem.router.replicas import ReplicaSet
 from tandem.router.retry import Backoff
-from tandem.router.upstream import upstream_session
+from tandem.router.upstream import Pool
 
 from fake_replicas import FakeReplicas  # isort: skip
 
@@ -34,7 +34,7 @@ def make(handlers: dict, policy=None):
 
 def run(proxy: Proxy, coro_fn):
     async def go():
-        proxy.client = upstream_session()
+        proxy.client = Pool()
         try:
             return await coro_fn()
         finally:

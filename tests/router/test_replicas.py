@@ -7,7 +7,7 @@ import pytest
 from aiohttp import web
 
 from tandem.router.replicas import ProbeConfig, ReplicaSet
-from tandem.router.upstream import upstream_session
+from tandem.router.upstream import Pool
 
 from fake_replicas import FakeReplicas  # isort: skip
 
@@ -38,7 +38,7 @@ def replica(rs: ReplicaSet, handler=None):
 
 def probe(rs, r, times=1):
     async def go():
-        client = upstream_session()
+        client = Pool()
         try:
             for _ in range(times):
                 await rs.probe_once(client, r)
@@ -124,13 +124,15 @@ def test_remove_drains_then_forgets_and_purges_the_index():
         rs.add("ftp://x")
 
 
-def test_the_replicas_own_queue_counts_as_load():
+def test_requests_others_sent_to_the_replica_count_as_load():
     rs = ReplicaSet()
     rs.avg_work = 100
     with replica(rs) as (r, b, _):
         r.prompt_tokens, r.expected_hit_tokens = 100, 10
         assert r.hit_rate == 0.1  # the router's own expectation, until the replica says
+        r.load.inflight_requests = 2  # ours: running or waiting there already
         b.metrics = ('# TYPE x gauge\ntandem:num_requests_waiting{model_name="m"} 3.0\n'
+                     'tandem:num_requests_running{model_name="m"} 2.0\n'
                      'tandem:prefix_cache_queries_total{model_name="m"} 200.0\n'
                      'tandem:prefix_cache_hits_total{model_name="m"} 150.0\n')
         probe(rs, r)

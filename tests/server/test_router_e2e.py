@@ -13,8 +13,10 @@ from server_utils import MODEL_NAME, free_port, start_server
 
 
 @pytest.fixture(scope="module")
-def router(smollm2_dir):
-    with start_server(smollm2_dir) as a, start_server(smollm2_dir) as b:
+def router(smollm2_dir, server):
+    # The session's shared server is one replica: one model load less for the suite.
+    with start_server(smollm2_dir) as b:
+        a = server
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "route", "--worker-urls",
                                  a.url, b.url, "--port", str(port), "--tokenizer", smollm2_dir],
