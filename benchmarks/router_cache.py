@@ -58,8 +58,8 @@ from tandem.loader.tokenizer import load_tokenizer
 
 # The script's own folder is on sys.path when it runs as a file.
 from offline_throughput import machine, median  # isort: skip
-from router_peers import (ROOT, is_ready, process, sglang_router, sglang_version,  # isort: skip
-                          stop, tandem_replica, tandem_router, wait_for)
+from router_peers import (ROOT, exit_on_sigterm, is_ready, process, sglang_router,  # isort: skip
+                          sglang_version, stop, tandem_replica, tandem_router, wait_for)
 
 # name -> (router, policy, tokenizer for exact block matching)
 CONFIGS = {
@@ -492,6 +492,7 @@ def main() -> None:
                    help="a tiny workload to smoke-test the script (overrides the sizes)")
     p.add_argument("--json", metavar="PATH", help="also write every number here")
     args = p.parse_args()
+    exit_on_sigterm()
     w = QUICK if args.quick else Workload(args.groups, args.prompts_per_group, args.system_len,
                                           args.question_len, args.output_len)
     vars(args).update(asdict(w))  # so the report and JSON show the sizes that ran

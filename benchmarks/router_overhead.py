@@ -24,7 +24,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from router_peers import free_port, is_ready, process, sglang_router, sglang_version, tandem_router
+
+from router_peers import (exit_on_sigterm, free_port, is_ready, process, sglang_router,  # isort: skip
+                          sglang_version, tandem_router)
 
 from offline_throughput import machine, median  # isort: skip
 
@@ -188,6 +190,7 @@ def main() -> None:
     p.add_argument("--no-sglang", action="store_true", help="skip the sglang-router peer")
     p.add_argument("--json", default=None, help="write the raw results here")
     args = p.parse_args()
+    exit_on_sigterm()
     say = lambda s: print(s, file=sys.stderr, flush=True)
     try:
         import uvloop  # the loop the routers and the stub run on too

@@ -23,6 +23,11 @@ SGLANG_ROUTER = "sglang-router==0.3.2"
 SGLANG_VENV = ROOT / ".bench" / "sglang-router"
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every process a benchmark started is stopped too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

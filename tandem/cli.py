@@ -1,4 +1,4 @@
-"""`tandem serve | generate | convert` (route and bench arrive with their issues)."""
+"""`tandem serve | route | generate | convert`."""
 from __future__ import annotations
 
 import argparse

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from tandem.router.proxy import Proxy, error_body
+from tandem.router.proxy import Proxy, Reply, error_body, error_reply
 from tandem.router.replicas import ReplicaSet
 from tandem.router.upstream import Pool
 
@@ -44,86 +44,120 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+class ClientGone(Exception):
+    pass
+
+
+async def read_body(receive, declared: str, limit: int) -> bytes | None:
     """The body, or None once it is over `limit` bytes (by Content-Length, or counted as it
     arrives), so an oversized body is never held whole."""
-    declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     parts, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
             return None
         parts.append(chunk)
-    return b"".join(parts)
+        if not msg.get("more_body"):
+            return b"".join(parts)
 
 
-def build_router_app(state: RouterState) -> Starlette:
-    def authorized(request: Request) -> bool:
+async def send_reply(send, receive, reply: Reply) -> None:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+    if reply.chunks is None:
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+        return
+
+    async def relay() -> None:
+        async for chunk in reply.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def client_left() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    # A client that leaves mid-stream cancels the relay, which closes the upstream connection:
+    # the replica sees the disconnect and stops generating.
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    tasks = [asyncio.ensure_future(relay()), asyncio.ensure_future(client_left())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await reply.chunks.aclose()
+
+
+def build_router_app(state: RouterState):
+    """An ASGI app: the proxied OpenAI routes are served by plain ASGI code (the hot path, no
+    framework in it), everything else by Starlette."""
+
+    def authorized(header: str) -> bool:
         if not state.api_keys:
             return True
-        header = request.headers.get("authorization", "")
         given = header[7:].encode() if header.lower().startswith("bearer ") else b""
         ok = False
         for key in state.api_keys:  # every key, always: timing reveals nothing
             ok |= hmac.compare_digest(given, key.encode())
         return ok
 
-    async def proxied(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "invalid or missing API key")
-        if state.draining:
-            return _error(503, "router is shutting down", {"Retry-After": "5"})
-        raw = await read_body(request, state.max_request_bytes)
-        if raw is None:
-            return _error(413, f"request body is over {state.max_request_bytes} bytes")
+    async def admit() -> Reply | None:
+        """Take a concurrency slot, waiting in the bounded queue if need be; or the refusal."""
         if state.slots is None:
             state.slots = asyncio.Semaphore(state.max_concurrent)
         if not state.slots.locked():
             await state.slots.acquire()  # a free slot: no queue, no timer
-        else:
-            if state.waiting >= state.max_queue:
-                state.rejected_total += 1
-                return _error(429, "too many requests queued at the router",
-                              {"Retry-After": "1"})
-            state.waiting += 1
-            try:
-                await asyncio.wait_for(state.slots.acquire(), state.queue_timeout)
-            except TimeoutError:
-                state.rejected_total += 1
-                return _error(503, "timed out waiting for capacity", {"Retry-After": "1"})
-            finally:
-                state.waiting -= 1
-        state.inflight += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                state.inflight -= 1
-                state.slots.release()
-
+            return None
+        if state.waiting >= state.max_queue:
+            state.rejected_total += 1
+            return error_reply(429, "too many requests queued at the router",
+                               {"retry-after": "1"})
+        state.waiting += 1
         try:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            resp = await state.proxy.forward(request.url.path, raw, headers)
-        except BaseException:
-            release()
-            raise
-        if hasattr(resp, "body_iterator"):  # a stream holds its slot until it ends
-            inner = resp.body_iterator
+            await asyncio.wait_for(state.slots.acquire(), state.queue_timeout)
+        except TimeoutError:
+            state.rejected_total += 1
+            return error_reply(503, "timed out waiting for capacity", {"retry-after": "1"})
+        finally:
+            state.waiting -= 1
+        return None
 
-            async def body():
-                try:
-                    async for chunk in inner:
-                        yield chunk
-                finally:
-                    release()
-            resp.body_iterator = body()
-        else:
-            release()
-        return resp
+    async def proxied(scope, receive, send) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] != "POST":
+            return await send_reply(send, receive, error_reply(405, "method not allowed"))
+        if not authorized(headers.get("authorization", "")):
+            return await send_reply(send, receive, error_reply(401, "invalid or missing API key"))
+        if state.draining:
+            return await send_reply(send, receive, error_reply(
+                503, "router is shutting down", {"retry-after": "5"}))
+        try:
+            raw = await read_body(receive, headers.get("content-length", ""),
+                                  state.max_request_bytes)
+        except ClientGone:
+            return None
+        if raw is None:
+            return await send_reply(send, receive, error_reply(
+                413, f"request body is over {state.max_request_bytes} bytes"))
+        refused = await admit()
+        if refused is not None:
+            return await send_reply(send, receive, refused)
+        state.inflight += 1
+        try:  # a stream holds its slot until it ends
+            await send_reply(send, receive,
+                             await state.proxy.forward(scope["path"], raw, headers))
+        finally:
+            state.inflight -= 1
+            state.slots.release()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -143,7 +177,7 @@ def build_router_app(state: RouterState) -> Starlette:
                 "tandem": r.block_size is not None}
 
     async def workers(request: Request) -> Response:
-        if not authorized(request):
+        if not authorized(request.headers.get("authorization", "")):
             return _error(401, "invalid or missing API key")
         if request.method == "GET":
             return JSONResponse({"workers": [describe(r)
@@ -155,7 +189,7 @@ def build_router_app(state: RouterState) -> Starlette:
             return _error(400, f"url: give {{\"url\": \"http://host:port\"}} ({e})")
 
     async def remove_worker(request: Request) -> Response:
-        if not authorized(request):
+        if not authorized(request.headers.get("authorization", "")):
             return _error(401, "invalid or missing API key")
         try:
             r = state.replicas.remove(request.path_params["id"])
@@ -200,11 +234,17 @@ def build_router_app(state: RouterState) -> Starlette:
             await asyncio.gather(task, return_exceptions=True)
             await state.proxy.client.close()
 
-    routes = [Route(p, proxied, methods=["POST"]) for p in PROXIED] + [
-        Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
-        Route("/workers", workers, methods=["GET", "POST"]),
-        Route("/workers/{id}", remove_worker, methods=["DELETE"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes = [Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
+              Route("/workers", workers, methods=["GET", "POST"]),
+              Route("/workers/{id}", remove_worker, methods=["DELETE"])]
+    rest = Starlette(routes=routes, lifespan=lifespan)
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in PROXIED:
+            await proxied(scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+    return app
 
 
 def make_state(urls: list[str], policy_name: str = "cache_aware", tokenizer: str | None = None,

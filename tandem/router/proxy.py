@@ -14,8 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from starlette.responses import Response, StreamingResponse
-
 from tandem.router.engine_keys import EngineKeys, block_keys
 from tandem.router.policies import RouteRequest
 from tandem.router.prefix_index import TEXT_BLOCK_CHARS, text_blocks
@@ -53,6 +51,20 @@ class Upstream:
     keys: list[bytes]
     work: int
     started: float
+
+
+@dataclass
+class Reply:
+    """What goes back to the client: a whole body, or `chunks` relayed as they arrive."""
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None
+
+
+def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, {"content-type": "application/json", **(headers or {})},
+                 json.dumps(error_body(status, message)).encode())
 
 
 class Proxy:
@@ -149,7 +161,7 @@ class Proxy:
                 await asyncio.sleep(self.backoff.delay(attempt))
         raise LookupError(last)
 
-    async def forward(self, path: str, raw: bytes, headers: dict[str, str]) -> Response:
+    async def forward(self, path: str, raw: bytes, headers: dict[str, str]) -> Reply:
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -163,12 +175,9 @@ class Proxy:
         try:
             up = await self.send(path, raw, body, upstream_headers, session)
         except UpstreamTimeout as e:
-            return Response(json.dumps(error_body(504, str(e))), status_code=504,
-                            media_type="application/json", headers={"x-request-id": request_id})
+            return error_reply(504, str(e), {"x-request-id": request_id})
         except LookupError as e:
-            return Response(json.dumps(error_body(503, str(e))), status_code=503,
-                            media_type="application/json",
-                            headers={"Retry-After": "1", "x-request-id": request_id})
+            return error_reply(503, str(e), {"retry-after": "1", "x-request-id": request_id})
         r, resp = up.replica, up.response
         if resp.status < 400:
             self.replicas.index.insert(r.id, up.keys)
@@ -181,12 +190,11 @@ class Proxy:
                 r.breaker.record_success()
             except UpstreamError as e:
                 r.breaker.record_failure()
-                content = json.dumps(error_body(502, f"replica {r.id}: {e!r}")).encode()
-                return Response(content, status_code=502, media_type="application/json")
+                return error_reply(502, f"replica {r.id}: {e!r}", {"x-request-id": request_id})
             finally:
                 self._done(up)
-            return Response(content, status_code=resp.status, headers=out_headers)
-        return StreamingResponse(self._relay(up), status_code=resp.status, headers=out_headers)
+            return Reply(resp.status, out_headers, content)
+        return Reply(resp.status, out_headers, chunks=self._relay(up))
 
     async def _relay(self, up: Upstream) -> AsyncIterator[bytes]:
         try:

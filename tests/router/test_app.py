@@ -1,10 +1,14 @@
 """The router's own HTTP surface, in process, in front of real fake replicas: API keys, body
 limits, admission control, membership, readiness and metrics."""
 import asyncio
+import socket
 import threading
+import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
+import uvicorn
 from aiohttp import web
 from starlette.testclient import TestClient
 
@@ -128,3 +132,47 @@ def test_request_ids_come_back():
         assert r.headers["x-request-id"] == "req-1"
         assert c.post("/v1/completions", json=BODY).headers["x-request-id"]
 
+
+
+def test_a_client_leaving_mid_stream_closes_the_replicas_stream():
+    left = threading.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ready":
+            return web.json_response({})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for _ in range(100):
+                await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            left.set()  # the router closed the connection: a replica would abort here
+            raise
+        return resp
+
+    with FakeReplicas({"a": endless}) as fake:
+        state = make_state([fake.urls["a"]], "round_robin")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(build_router_app(state), host="127.0.0.1",
+                                               port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run)
+        thread.start()
+        try:
+            while not server.started:
+                time.sleep(0.02)
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
+                              json={**BODY, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+            assert left.wait(5)
+            deadline = time.monotonic() + 5
+            while state.inflight and time.monotonic() < deadline:
+                time.sleep(0.02)
+            replica = next(iter(state.replicas.replicas.values()))
+            assert state.inflight == 0 and replica.load.inflight_requests == 0
+        finally:
+            server.should_exit = True
+            thread.join(10)

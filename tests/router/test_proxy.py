@@ -44,12 +44,10 @@ def run(proxy: Proxy, coro_fn):
 
 def call(proxy, body: dict, path="/v1/completions", headers=None):
     async def go():
-        resp = await proxy.forward(path, json.dumps(body).encode(), headers or {})
-        if hasattr(resp, "body_iterator"):
-            chunks = [c async for c in resp.body_iterator]
-            return resp.status_code, b"".join(c if isinstance(c, bytes) else c.encode()
-                                              for c in chunks)
-        return resp.status_code, resp.body
+        reply = await proxy.forward(path, json.dumps(body).encode(), headers or {})
+        if reply.chunks is not None:
+            return reply.status, b"".join([c async for c in reply.chunks])
+        return reply.status, reply.body
     return run(proxy, go)
 
 
@@ -135,8 +133,8 @@ def test_request_id_is_forwarded_or_made():
     with make({"a": echo}) as (proxy, _, _):
         def go(headers):
             async def one():
-                resp = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
-                return resp.headers["x-request-id"]
+                reply = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
+                return reply.headers["x-request-id"]
             return run(proxy, one)
         assert go({"x-request-id": "abc"}) == "abc" and got[-1] == "abc"
         made = go({})
