@@ -1,4 +1,4 @@
-"""`tandem serve | route | generate | convert`."""
+"""`tandem serve | route | bench | generate | convert`."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,19 @@ def cmd_route(args: argparse.Namespace) -> int:
     return route(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "serve":
+        from tandem.bench.serve import bench_serve
+
+        res = bench_serve(args)
+    else:
+        from tandem.bench.sweep import bench_sweep
+
+        res = bench_sweep(args)
+    failed = res["failed"] if isinstance(res, dict) else sum(p["failed"] for p in res)
+    return 1 if failed else 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from tandem.loader.gguf import convert_gguf
 
@@ -90,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("route", help="route OpenAI requests over several replicas")
     add_router_args(rt)
     rt.set_defaults(func=cmd_route)
+    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    from tandem.bench.serve import add_serve_args
+    from tandem.bench.sweep import add_sweep_args
+
+    add_serve_args(bsub.add_parser("serve", help="one load level: latency and throughput"))
+    add_sweep_args(bsub.add_parser("sweep", help="several load levels, one table and plot"))
+    bench.set_defaults(func=cmd_bench)
     conv = sub.add_parser("convert", help="convert a GGUF file into an HF checkpoint folder")
     conv.add_argument("src")
     conv.add_argument("dest")

@@ -49,7 +49,8 @@ class Upstream:
     replica: Replica
     response: UpstreamResponse
     keys: list[bytes]
-    work: int
+    work: int  # still charged to the replica: falls as the stream shows progress
+    prefill: int
     started: float
 
 
@@ -76,9 +77,9 @@ class Proxy:
         self.max_attempts, self.backoff, self.timeout = max_attempts, backoff or Backoff(), timeout
 
     def choose(self, body: dict, session: str | None,
-               exclude: set[str]) -> tuple[Replica, list, int]:
-        """The replica, the request's text keys, and its work in tokens (uncached prompt +
-        output)."""
+               exclude: set[str]) -> tuple[Replica, list, int, int]:
+        """The replica, the request's text keys, its work in tokens (uncached prompt +
+        output), and the prefill part of that work."""
         candidates = [r for r in self.replicas.available() if r.id not in exclude]
         if not candidates:
             raise LookupError("no replica is available")
@@ -97,9 +98,10 @@ class Proxy:
         chosen.expected_hit_tokens += hit
         out = body.get("max_completion_tokens") or body.get("max_tokens")
         # What it costs the replica: the prefill it still has to compute, and the output.
-        work = req.prompt_tokens - hit + (out if isinstance(out, int) and out > 0 else 256)
+        prefill = req.prompt_tokens - hit
+        work = prefill + (out if isinstance(out, int) and out > 0 else 256)
         self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
-        return chosen, keys, work
+        return chosen, keys, work, prefill
 
     def _cached_tokens(self, body: dict, candidates: list[Replica], keys: list[bytes],
                        ids: list[int] | None) -> dict[str, int]:
@@ -126,7 +128,7 @@ class Proxy:
         last = "no replica is available"
         for attempt in range(self.max_attempts):
             try:
-                r, keys, work = self.choose(body, session, tried)
+                r, keys, work, prefill = self.choose(body, session, tried)
             except LookupError:
                 break
             tried.add(r.id)
@@ -149,7 +151,7 @@ class Proxy:
                 raise
             else:
                 if not is_retryable(resp.status, 0):
-                    return Upstream(r, resp, keys, work, started)
+                    return Upstream(r, resp, keys, work, prefill, started)
                 resp.release()
                 last = f"replica {r.id} answered {resp.status}"
             self._unload(r, work)
@@ -199,6 +201,13 @@ class Proxy:
     async def _relay(self, up: Upstream) -> AsyncIterator[bytes]:
         try:
             async for chunk in up.response.chunks():
+                # The stream shows the replica's progress: the prefill is done at the first
+                # chunk, and each later one is about a token. What is left stays charged.
+                step = up.prefill if up.prefill else chunk.count(b"data:")
+                up.prefill = 0
+                step = min(step, up.work)
+                up.work -= step
+                up.replica.load.inflight_tokens -= step
                 yield chunk
             up.replica.breaker.record_success()
         except UpstreamError as e:

@@ -117,8 +117,9 @@ def test_load_in_tokens_is_tracked_and_released():
         code, _ = call(proxy, {"prompt": "x" * 400, "max_tokens": 10})
         assert code == 200
         assert reps["a"].load.inflight_tokens == 0 and reps["a"].load.inflight_requests == 0
-        keys, work = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None, set())[1:]
-        assert work == 100 + 10
+        keys, work, prefill = proxy.choose({"prompt": "x" * 400, "max_tokens": 10}, None,
+                                           set())[1:]
+        assert work == 100 + 10 and prefill == 100
         assert keys == []  # round robin reads no cache state, so none is computed
         assert reps["a"].prompt_tokens == 200 and reps["a"].hit_rate == 0.0
 
@@ -179,3 +180,30 @@ def test_a_stream_past_the_request_timeout_ends_with_an_error_event():
         code, body = call(proxy, {"prompt": "hi", "stream": True})
         assert code == 200 and b'"error"' in body and body.endswith(b"data: [DONE]\n\n")
         assert reps["a"].load.inflight_requests == 0
+
+
+def test_a_stream_releases_its_charge_as_it_progresses():
+    charged = []
+
+    async def tokens(request):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(3):
+            await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            await asyncio.sleep(0.05)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    with make({"a": tokens}) as (proxy, reps, _):
+        async def go():
+            reply = await proxy.forward("/v1/completions", json.dumps(
+                {"prompt": "x" * 400, "max_tokens": 10, "stream": True}).encode(), {})
+            charged.append(reps["a"].load.inflight_tokens)
+            async for _ in reply.chunks:
+                charged.append(reps["a"].load.inflight_tokens)
+            charged.append(reps["a"].load.inflight_tokens)  # the stream has ended
+        run(proxy, go)
+        # 100 prompt + 10 output tokens; the first chunk ends the prefill, then 1 an event
+        # ([DONE] included); the end releases what is left.
+        assert charged[:2] == [110, 10] and charged[-2:] == [7, 0]
+        assert charged == sorted(charged, reverse=True)
