@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 import httpx
 import numpy as np
 
+from tandem.bench.datasets import shared_prefix_requests
 from tandem.config import EngineConfig
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import load_tokenizer
@@ -102,35 +103,12 @@ class Request:
     arrival_s: float  # offset from the start of the run
 
 
-def one_token_words(tokenizer: object) -> list[str]:
-    """Lower-case ASCII words that are one token with their leading space: random sequences of
-    them tokenize to exactly one token per word, since pre-tokenization splits at spaces."""
-    words = set()
-    for tok in tokenizer.get_vocab():
-        text = tokenizer.convert_tokens_to_string([tok])
-        w = text[1:]
-        if (text.startswith(" ") and len(w) >= 3 and w.isascii() and w.isalpha() and w.islower()
-                and len(tokenizer.encode(text, add_special_tokens=False)) == 1):
-            words.add(text)
-    return sorted(words)  # sorted, so the seed alone decides the text
-
-
 def make_requests(w: Workload, tokenizer: object, seed: int, rate: float) -> list[Request]:
     rng = random.Random(seed)
-    words = one_token_words(tokenizer)
-
-    def text(n: int) -> str:
-        return "".join(rng.choice(words) for _ in range(n))
-
-    prompts = []
-    for g in range(w.groups):
-        system = text(w.system_len)
-        prompts += [(g, system + text(w.question_len)) for _ in range(w.prompts_per_group)]
-    # Shuffled, so a group's requests do not reach the router back to back.
-    rng.shuffle(prompts)
     arrival, out = 0.0, []
-    for g, prompt in prompts:
-        out.append(Request(g, prompt, tokenizer.encode(prompt), arrival))
+    for r in shared_prefix_requests(tokenizer, w.groups, w.prompts_per_group, w.system_len,
+                                    w.question_len, w.output_len, seed):
+        out.append(Request(r.group, r.prompt, tokenizer.encode(r.prompt), arrival))
         if math.isfinite(rate):
             arrival += rng.expovariate(rate)
     return out

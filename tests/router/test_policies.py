@@ -45,6 +45,9 @@ def test_cache_aware_takes_the_hit_unless_the_load_outweighs_it():
     rs = replicas((1, 50), (0, 0))
     # r0 holds 800 of 1000 prompt tokens: 200 to compute + 50 queued beats 1000 on idle r1.
     assert CacheAware().pick(rs, req(1000, {"r0": 800})).name == "r0"
+    # 1000 queued tokens weigh 500: still cheaper than recomputing 800 on r1.
+    rs[0].inflight_tokens = 1000
+    assert CacheAware().pick(rs, req(1000, {"r0": 800})).name == "r0"
     # The same hit, but r0 has 2000 tokens of work queued: go to the idle replica.
     rs[0].inflight_tokens = 2000
     assert CacheAware().pick(rs, req(1000, {"r0": 800})).name == "r1"
