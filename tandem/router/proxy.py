@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -173,7 +173,7 @@ class Proxy:
         session = headers.get("x-session-id") or (body.get("user") if isinstance(
             body.get("user"), str) else None)
         upstream_headers = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
-        request_id = upstream_headers.setdefault("x-request-id", uuid.uuid4().hex)
+        request_id = upstream_headers.setdefault("x-request-id", os.urandom(16).hex())
         try:
             up = await self.send(path, raw, body, upstream_headers, session)
         except UpstreamTimeout as e:

@@ -213,16 +213,17 @@ class Pool:
         self._idle: dict[tuple, list[_Conn]] = {}
         self._all: set[_Conn] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._urls: dict[str, tuple[tuple, str, str]] = {}
 
     async def request(self, method: str, url: str, body: bytes = b"",
                       headers: dict[str, str] | None = None, timeout: float = 600.0,
                       params: dict[str, str] | None = None) -> Response:
         """Send and wait for the status and headers; the body is the caller's to read, then
         `release()` the response."""
-        u = urlsplit(url)
-        key = (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
-        path = (u.path or "/") + (f"?{urlencode(params)}" if params else "")
-        head = [f"{method} {path} HTTP/1.1", f"host: {u.netloc}",
+        key, netloc, path = self._split(url)
+        if params:
+            path += f"?{urlencode(params)}"
+        head = [f"{method} {path} HTTP/1.1", f"host: {netloc}",
                 f"content-length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
@@ -241,6 +242,17 @@ class Pool:
             except BaseException:  # cancelled (the client left) or timed out: not reusable
                 conn.finish(reusable=False)
                 raise
+
+    def _split(self, url: str) -> tuple[tuple, str, str]:
+        """(scheme, host, port), netloc and path; a replica's few URLs are parsed once."""
+        got = self._urls.get(url)
+        if got is None:
+            u = urlsplit(url)
+            key = (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
+            got = self._urls[url] = (key, u.netloc, u.path or "/")
+            if len(self._urls) > 4096:  # bounded: URLs come from membership, not clients
+                self._urls.pop(next(iter(self._urls)))
+        return got
 
     async def _get(self, key: tuple, timeout: float) -> _Conn:
         idle = self._idle.get(key)
