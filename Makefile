@@ -17,7 +17,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check tandem tests benchmarks
 
 test: lint
-	$(OFFLINE) $(PY) -m pytest -q --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) tests
+	$(OFFLINE) $(PY) -m pytest -q --durations=15 --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) tests
 
 serve: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/tandem serve --model smollm2 --host 127.0.0.1 --port 8000

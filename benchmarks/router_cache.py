@@ -85,6 +85,8 @@ class Workload:
     system_len: int = 600
     question_len: int = 40
     output_len: int = 16
+    hot_prompts: int = 0  # extra prompts for group 0: a skewed workload
+
 
 
 QUICK = Workload(groups=2, prompts_per_group=3, system_len=150, question_len=20, output_len=4)
@@ -106,7 +108,8 @@ class Request:
 def make_requests(w: Workload, tokenizer: object, seed: int, rate: float) -> list[Request]:
     rng = random.Random(seed)
     arrival, out = 0.0, []
-    for r in shared_prefix_requests(tokenizer, w.groups, w.prompts_per_group, w.system_len,
+    counts = [w.prompts_per_group + (w.hot_prompts if g == 0 else 0) for g in range(w.groups)]
+    for r in shared_prefix_requests(tokenizer, w.groups, counts, w.system_len,
                                     w.question_len, w.output_len, seed):
         out.append(Request(r.group, r.prompt, tokenizer.encode(r.prompt), arrival))
         if math.isfinite(rate):
@@ -376,7 +379,8 @@ def table(med: dict, vs: dict, runs: dict[str, list[dict]], args: argparse.Names
          f"{extra['sglang_router']}"),
         (f"{args.replicas} x `tandem serve --model {args.model}` ({args.replica_threads} torch "
          f"thread(s) each, KV cache {args.kv_cache_memory or 'default'}), fresh for every "
-         f"configuration; {w.groups} groups x {w.prompts_per_group} prompts, system "
+         f"configuration; {w.groups} groups x {w.prompts_per_group} prompts"
+         f"{f' (+{w.hot_prompts} in group 0)' if w.hot_prompts else ''}, system "
          f"{w.system_len} + question {w.question_len} tokens (measured: prompts "
          f"{extra['prompt_tokens_mean']:.0f} tokens on average) -> {w.output_len} output "
          f"tokens; {rate}, {cap}; medians of {args.runs} run(s)"
@@ -456,6 +460,8 @@ def main() -> None:
                    help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--groups", type=int, default=d.groups)
     p.add_argument("--prompts-per-group", type=int, default=d.prompts_per_group)
+    p.add_argument("--hot-prompts", type=int, default=0,
+                   help="extra prompts for group 0, a hot prefix (skew)")
     p.add_argument("--system-len", type=int, default=d.system_len)
     p.add_argument("--question-len", type=int, default=d.question_len)
     p.add_argument("--output-len", type=int, default=d.output_len)
@@ -472,7 +478,7 @@ def main() -> None:
     args = p.parse_args()
     exit_on_sigterm()
     w = QUICK if args.quick else Workload(args.groups, args.prompts_per_group, args.system_len,
-                                          args.question_len, args.output_len)
+                                          args.question_len, args.output_len, args.hot_prompts)
     vars(args).update(asdict(w))  # so the report and JSON show the sizes that ran
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if unknown := [c for c in configs if c not in CONFIGS]:

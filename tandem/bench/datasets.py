@@ -54,20 +54,22 @@ def random_requests(tokenizer, num: int, input_len: int, output_len: int,
     return [BenchRequest("".join(rng.choices(words, k=i)), i, o) for i, o in zip(ins, outs)]
 
 
-def shared_prefix_requests(tokenizer, groups: int, prompts_per_group: int, system_len: int,
-                           question_len: int, output_len: int,
+def shared_prefix_requests(tokenizer, groups: int, prompts_per_group: int | list[int],
+                           system_len: int, question_len: int, output_len: int,
                            seed: int = 0) -> list[BenchRequest]:
     """SGLang's generated-shared-prefix: each group's prompts share a system prompt of
     `system_len` tokens and add their own question; shuffled, so a group's requests do not
-    arrive back to back."""
+    arrive back to back. A list gives each group its own count (a skewed, "hot" workload)."""
     rng = random.Random(seed)
     words = one_token_words(tokenizer)
+    counts = (prompts_per_group if isinstance(prompts_per_group, list)
+              else [prompts_per_group] * groups)
     out = []
     for g in range(groups):
         system = "".join(rng.choices(words, k=system_len))
         out += [BenchRequest(system + "".join(rng.choices(words, k=question_len)),
                              system_len + question_len, output_len, g)
-                for _ in range(prompts_per_group)]
+                for _ in range(counts[g])]
     rng.shuffle(out)
     return out
 

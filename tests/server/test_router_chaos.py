@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from server_utils import MODEL_NAME, free_port, start_server
 
-TOTAL, CONCURRENCY = 200, 16
+TOTAL, CONCURRENCY = 150, 16
 
 
 def serve_on(model: str, port: int) -> subprocess.Popen:
@@ -39,7 +39,7 @@ def serve_on(model: str, port: int) -> subprocess.Popen:
 
 def one(url: str, i: int) -> str:
     body = {"model": MODEL_NAME, "prompt": f"Request {i}: the weather today is",
-            "max_tokens": 6, "temperature": 0}
+            "max_tokens": 4, "temperature": 0}
     if i % 2 == 0:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         return "ok" if r.status_code == 200 else f"failed {r.status_code} {r.text[:200]}"
