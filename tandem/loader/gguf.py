@@ -17,6 +17,11 @@ def convert_gguf(src: str, dest: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 
     os.makedirs(dest, exist_ok=True)
+    # A plain float32 checkpoint as other tools read it (vLLM, llama.cpp's converter): it names
+    # its architecture, and no longer claims the GGUF quantization it was loaded from.
+    model.config.architectures = [type(model).__name__]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.save_pretrained(dest)
     model.generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)  # writes chat_template.jinja next to tokenizer_config.json

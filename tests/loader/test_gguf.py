@@ -1,3 +1,4 @@
+import json
 import os
 
 import torch
@@ -12,6 +13,10 @@ def test_convert_matches_gguf_model(tiny_gguf, tmp_path):
     convert_gguf(tiny_gguf, dest)
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "chat_template.jinja"} <= set(os.listdir(dest))
+    with open(os.path.join(dest, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config  # the weights are plain float32 now
 
     folder, name = os.path.split(tiny_gguf)
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
