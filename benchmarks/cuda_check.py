@@ -29,6 +29,16 @@ def main() -> int:
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="fp8_*: the variants must agree with each other (HF agreement is shown)")
     args = p.parse_args()
+    failures = check_greedy(args.model, args.dtype, args.device, args.kv_cache_dtype, args.new)
+    print("CUDA CHECK", "PASSED" if not failures else f"FAILED ({failures} variants differ)")
+    return 1 if failures else 0
+
+
+def check_greedy(model: str, dtype_name: str, device: str, kv_cache_dtype: str = "auto",
+                 new: int = 32) -> int:
+    """Run the default, preempting and chunked variants; return how many disagree."""
+    args = argparse.Namespace(model=model, dtype=dtype_name, device=device,
+                              kv_cache_dtype=kv_cache_dtype, new=new)
     dtype, dev = DTYPES[args.dtype], torch.device(args.device)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
@@ -39,6 +49,7 @@ def main() -> int:
                            max_new_tokens=args.new, min_new_tokens=args.new,
                            pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
         hf_logits = hf(torch.tensor([prompts[-1]], device=dev)).logits[0, -1].float()
+    del hf
     params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     failures, first = 0, None
     for name in ("default", "preempt", "chunked"):
@@ -72,8 +83,7 @@ def main() -> int:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("CUDA CHECK", "PASSED" if not failures else f"FAILED ({failures} variants differ)")
-    return 1 if failures else 0
+    return failures
 
 
 def _small_kv_llm(args, prompts) -> LLM:

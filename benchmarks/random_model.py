@@ -14,6 +14,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SHAPES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+             "max_position_embeddings": 2048, "rope_theta": 10000.0,
+             "tie_word_embeddings": True},
     "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                 "max_position_embeddings": 8192, "rope_theta": 100000.0,

@@ -12,6 +12,8 @@ from pathlib import Path
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE_MARKER = ".tandem-complete"
+# Bump when convert_gguf writes a different folder, so caches made by an older one are redone.
+CONVERTER_VERSION = 2
 
 
 def smollm2_gguf() -> str:
@@ -47,9 +49,11 @@ def resolve_model(model: str, cache_dir: str | None = None) -> str:
 
 
 def _converted_gguf(src: str, cache: Path) -> str:
-    # Keyed on size and mtime too, so a file replaced in place is converted again.
+    # Keyed on size and mtime too, so a file replaced in place is converted again, and on the
+    # converter's version, so folders an older converter wrote are not reused.
     st = os.stat(src)
-    key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{src}\0{st.st_size}\0{st.st_mtime_ns}\0{CONVERTER_VERSION}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     dest = cache / "gguf" / f"{Path(src).stem}-{key}"
     if (dest / DONE_MARKER).is_file():
         return str(dest)

@@ -1,0 +1,336 @@
+"""Tandem against llama.cpp's C++ server and HF transformers on this CPU, same weights, one run.
+
+Engines, all on the SmolLM2-135M-Instruct weights of `--model smollm2` (Tandem's HF folder,
+converted from the shipped Q4_1 GGUF):
+
+    tandem      `tandem serve` with --tandem-args (say which settings in BENCHMARKS.md)
+    llama-f16   llama-server on a 16-bit GGUF that llama.cpp's own script converts from that folder
+    llama-q4_1  llama-server on the shipped Q4_1 GGUF, for reference
+    hf          HF transformers `generate`, in-process, static batches, --hf-dtype (float32:
+                bf16/fp16 matmuls are far slower than float32 on an AVX2 CPU)
+
+llama-server is built from the llama.cpp that the llama-cpp-python sdist vendors and gets one
+server per concurrency, with that many slots (`-np C -cb`, context C x (input + output + 64));
+Tandem gets one server for all concurrencies. See llama_peer.py: the first run downloads and
+builds (about 10 minutes) and fills a venv under .bench/ for the GGUF conversion.
+
+Workload, like vLLM's `bench serve`: random prompts of --input-len tokens, --output-len tokens
+each with ignore_eos, greedy, all sent at once with at most C in flight, C in --concurrency,
+--prompts-per-concurrency x C prompts. Servers are loaded by `tandem bench serve` (streamed
+/v1/completions, timed at the client, which shares the CPU with the server); HF runs batches
+of C, so its TTFT counts from its batch's start and each of its ITLs is one batched step. One
+engine runs at a time; --runs N repeats the whole round, engines in order, and reports medians.
+Every run and concurrency has its own prompt seed, the same for all engines, so no prefix or
+prompt cache ever hits.
+
+The roofline: a single-stream decode step reads every weight once, so weight bytes / memory
+bandwidth is a floor on its inter-token latency. Bandwidth is one proxy number: the median of
+`t.sum()` over a 256 MiB float32 tensor with --threads threads. Weight bytes a step reads:
+every parameter at the engine's dtype for Tandem and HF (the tied embedding / LM head once;
+the one embedding row a step looks up is left out), the GGUF's tensor data for llama-server.
+
+The defaults (4 engines x concurrency 1, 4, 16, 64) should take roughly half an hour on 2 cores
+(an estimate from small runs), after the one-time setup:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_cpu.py --tandem-args "" \\
+        --result-file compare_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import httpx
+import torch
+import transformers
+
+from tandem.bench.datasets import random_requests
+from tandem.bench.metrics import RequestResult, summarize
+from tandem.bench.serve import add_serve_args, bench_serve
+from tandem.cli import build_parser
+from tandem.config import DTYPES, EngineConfig
+from tandem.loader.model_path import resolve_model, smollm2_gguf
+from tandem.loader.tokenizer import load_tokenizer
+
+# The script's own folder is on sys.path when it runs as a file.
+from llama_peer import cpu_flags, f16_gguf, llama_cmd, llama_server, llama_version  # isort: skip
+from offline_throughput import hf_generate, machine, median  # isort: skip
+from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
+
+ENGINES = ("tandem", "llama-f16", "llama-q4_1", "hf")
+GGML_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
+WARMUP_SEED = 10**6  # warm-up prompts share no prefix with measured ones
+
+
+# ---- servers, loaded by `tandem bench serve` -------------------------------------------------
+
+def load(url: str, model: str, folder: str, c: int, n: int, input_len: int, output_len: int,
+         seed: int) -> dict:
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    ns = p.parse_args(["--base-url", url, "--model", model, "--tokenizer", folder,
+                       "--dataset", "random", "--input-len", str(input_len),
+                       "--output-len", str(output_len), "--ignore-eos", "--request-rate", "inf",
+                       "--max-concurrency", str(c), "--num-prompts", str(n),
+                       "--seed", str(seed), "--no-progress"])
+    with redirect_stdout(sys.stderr):  # its summary is progress here; stdout gets the tables
+        return bench_serve(ns)
+
+
+def served_model(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def llama_ready(url: str) -> bool:
+    return httpx.get(f"{url}/health", timeout=2).status_code == 200
+
+
+def tandem_ready(url: str) -> bool:
+    return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+
+
+def measure_server(url: str, folder: str, cs: list[int], args: argparse.Namespace, run: int
+                   ) -> dict[int, dict]:
+    model = served_model(url)
+    load(url, model, folder, min(cs[0], 4), min(cs[0], 4), args.input_len, 8, WARMUP_SEED + run)
+    return {c: load(url, model, folder, c, args.prompts_per_concurrency * c, args.input_len,
+                    args.output_len, prompt_seed(run, c)) for c in cs}
+
+
+def prompt_seed(run: int, c: int) -> int:
+    return 1000 * run + c
+
+
+def measure_tandem(tandem_args: list[str], folder: str, cs: list[int],
+                   args: argparse.Namespace, run: int) -> dict[int, dict]:
+    cmd, url = tandem_replica("smollm2", *tandem_args)
+    with process(cmd, url, tandem_ready, env={"OMP_NUM_THREADS": str(args.threads)}):
+        return measure_server(url, folder, cs, args, run)
+
+
+def measure_llama(binary: Path, gguf: str, folder: str, cs: list[int], args: argparse.Namespace,
+                  run: int) -> dict[int, dict]:
+    """One server per concurrency, with as many slots as requests in flight."""
+    per = {}
+    for c in cs:
+        ctx = c * (args.input_len + args.output_len + 64)  # split evenly among the slots
+        cmd, url, env = llama_cmd(binary, gguf, c, ctx, args.threads)
+        with process(cmd, url, llama_ready, env=env):
+            per |= measure_server(url, folder, [c], args, run)
+    return per
+
+
+# ---- HF transformers, in-process -------------------------------------------------------------
+
+def measure_hf(model, tokenizer, c: int, n: int, args: argparse.Namespace, seed: int) -> dict:
+    """Static batches of c over the same prompts the servers get. A forward hook stamps each
+    step: generate runs one forward per new token, and greedy picking after it is negligible."""
+    reqs = random_requests(tokenizer, n, args.input_len, args.output_len, 0.0, seed)
+    prompts = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in reqs]
+    stamps: list[float] = []
+    hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    results = []
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, n, c):
+            batch, stamps[:] = prompts[i:i + c], []
+            start = time.perf_counter()
+            hf_generate(model, batch, args.output_len)
+            itl = [b - a for a, b in itertools.pairwise(stamps)]
+            results += [RequestResult(len(p), success=True, output_tokens=args.output_len,
+                                      ttft=stamps[0] - start, latency=stamps[-1] - start,
+                                      itl=itl, start=start - t0) for p in batch]
+        duration = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    return {**summarize(results, duration), "output_lens": [r.output_tokens for r in results],
+            "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results]}
+
+
+# ---- roofline --------------------------------------------------------------------------------
+
+def bandwidth_gbs(samples: int = 7) -> list[float]:
+    t = torch.ones(64 * 2**20)  # 256 MiB of float32, far past any cache
+    t.sum()
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        t.sum()
+        out.append(t.numel() * t.element_size() / (time.perf_counter() - start) / 1e9)
+    return out
+
+
+def hf_weight_bytes(folder: str, dtype: torch.dtype) -> int:
+    """All parameters at `dtype`; parameters() counts the tied embedding / LM head once."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def gguf_weight_bytes(path: str) -> int:
+    """The GGUF's tensor data (a few MB less than the file: the rest is tokenizer metadata)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+def medians(runs: list[dict]) -> dict[str, float]:
+    return {k: median([r[k] for r in runs]) for k in METRICS}
+
+
+def problems(name: str, c: int, res: dict, output_len: int) -> list[str]:
+    out = []
+    if res["failed"]:
+        out.append(f"{name} c={c}: {res['failed']} requests failed")
+    wrong = [n for n in res["output_lens"] if n != output_len]
+    if wrong:
+        out.append(f"{name} c={c}: {len(wrong)} requests returned other than {output_len} "
+                   f"tokens, e.g. {wrong[0]}")
+    return out
+
+
+MAIN_TABLE = ("| engine | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | "
+              "ITL p50 (ms) | ITL p99 (ms) |\n|---|---:|---:|---:|---:|---:|---:|")
+RATIO_TABLE = ("Tandem / peer: output tok/s (above 1: Tandem faster) and ITL p50 (below 1: "
+               "Tandem faster).\n\n| peer | concurrency | output tok/s ratio | ITL p50 ratio |\n"
+               "|---|---:|---:|---:|")
+ROOF_TABLE = ("| engine | weights | bytes/step (MB) | floor (ms) | ITL p50 at c=1 (ms) | "
+              "ITL / floor |\n|---|---|---:|---:|---:|---:|")
+
+
+def report(results: dict, labels: dict[str, str], roof: dict[str, dict], gbs: float,
+           header: list[str], notes: list[str]) -> str:
+    med = {e: {c: medians(runs) for c, runs in per.items()} for e, per in results.items()}
+    lines = [*header, "", MAIN_TABLE]
+    for e, per in med.items():
+        lines += [f"| {labels[e]} | {c} | {m['output_throughput']:.1f} | "
+                  f"{m['median_ttft_ms']:.0f} | {m['p99_ttft_ms']:.0f} | "
+                  f"{m['median_itl_ms']:.1f} | {m['p99_itl_ms']:.1f} |" for c, m in per.items()]
+    ours = med.get("tandem", {})
+    if ours and len(med) > 1:
+        lines += ["", RATIO_TABLE]
+        for e, per in med.items():
+            lines += [f"| {labels[e]} | {c} | "
+                      f"{ours[c]['output_throughput'] / m['output_throughput']:.2f}x | "
+                      f"{ours[c]['median_itl_ms'] / m['median_itl_ms']:.2f}x |"
+                      for c, m in per.items() if e != "tandem"]
+    roofline = (f"Roofline of single-stream decode: memory read bandwidth {gbs:.1f} GB/s (the "
+                "median `t.sum()` over 256 MiB of float32: a one-number proxy); floor = weight "
+                "bytes a step reads / bandwidth.")
+    lines += ["", roofline, "", ROOF_TABLE]
+    for e, r in roof.items():
+        itl = med[e][1]["median_itl_ms"] if 1 in med[e] else float("nan")
+        floor = r["bytes"] / (gbs * 1e9) * 1e3
+        lines.append(f"| {labels[e]} | {r['weights']} | {r['bytes'] / 1e6:.1f} | {floor:.2f} | "
+                     f"{itl:.1f} | {itl / floor:.1f}x |")
+    if notes:
+        lines += ["", "Problems (these rows do not measure what they claim):",
+                  *[f"- {n}" for n in notes]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--prompts-per-concurrency", type=int, default=5)
+    p.add_argument("--runs", type=int, default=1, help="medians over this many rounds")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--tandem-args", default="", help="extra `tandem serve` args, one string")
+    p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2,
+                   help="compute threads of every engine (llama-server -t, torch threads)")
+    p.add_argument("--result-file", help="write every raw number here (JSON)")
+    args = p.parse_args()
+    if min(args.concurrency) < 1 or args.runs < 1 or args.prompts_per_concurrency < 1:
+        p.error("--concurrency, --runs and --prompts-per-concurrency must be at least 1")
+    exit_on_sigterm()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    started, load_avg = time.perf_counter(), os.getloadavg()[0]  # other jobs skew every number
+    cs = sorted(set(args.concurrency))
+    folder, q4_1 = resolve_model("smollm2"), smollm2_gguf()
+    tandem_args = shlex.split(args.tandem_args)
+    tandem_dtype = EngineConfig.from_args(build_parser().parse_args(
+        ["serve", *tandem_args])).torch_dtype
+    hf_dtype = DTYPES[args.hf_dtype]
+
+    llama_bin, build_note, ggufs = None, "", {}
+    if any(e.startswith("llama") for e in args.engines):
+        llama_bin, build_note = llama_server(q4_1)
+        ggufs = {"llama-f16": str(f16_gguf(folder)), "llama-q4_1": q4_1}
+    labels = {"tandem": f"Tandem ({args.tandem_args or 'defaults'})",
+              "llama-f16": "llama-server f16", "llama-q4_1": "llama-server Q4_1",
+              "hf": f"HF transformers {args.hf_dtype}"}
+    weights = {"tandem": (str(tandem_dtype).removeprefix("torch."),
+                          hf_weight_bytes(folder, tandem_dtype)),
+               "hf": (args.hf_dtype, hf_weight_bytes(folder, hf_dtype))}
+    weights |= {e: (e.removeprefix("llama-"), gguf_weight_bytes(g)) for e, g in ggufs.items()}
+    roof = {e: {"weights": weights[e][0], "bytes": weights[e][1]} for e in args.engines}
+
+    results: dict[str, dict[int, list[dict]]] = {e: {c: [] for c in cs} for e in args.engines}
+    notes: list[str] = []
+    hf_model, tokenizer = None, load_tokenizer(folder)
+    for run in range(args.runs):
+        for e in args.engines:
+            print(f"run {run + 1}/{args.runs}: {e} ...", file=sys.stderr, flush=True)
+            if e == "tandem":
+                per = measure_tandem(tandem_args, folder, cs, args, run)
+            elif e == "hf":
+                if hf_model is None:
+                    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                        folder, dtype=hf_dtype).eval()
+                with torch.inference_mode():
+                    hf_generate(hf_model, [[1] * args.input_len], 8)  # warm-up
+                    per = {c: measure_hf(hf_model, tokenizer, c, args.prompts_per_concurrency
+                                         * c, args, prompt_seed(run, c)) for c in cs}
+            else:
+                per = measure_llama(llama_bin, ggufs[e], folder, cs, args, run)
+            for c, res in per.items():
+                results[e][c].append(res)
+                notes += problems(e, c, res, args.output_len)
+
+    info = machine()
+    gbs = bandwidth_gbs()
+    flags = cpu_flags()
+    header = [
+        (f"Machine: {info['cores']} cores, {info['cpu']}; CPU flags ggml cares about: "
+         f"{' '.join(f for f in GGML_FLAGS if f in flags) or 'none'}; torch {info['torch']}, "
+         f"transformers {info['transformers']}, Python {info['python']}; {args.threads} "
+         f"threads per engine; load average {load_avg:.1f} at the start."),
+        (f"llama.cpp {llama_version(llama_bin)} (vendored by the llama-cpp-python 0.3.36 "
+         f"sdist), {build_note}; one server per concurrency C with `-np C -cb`."
+         if llama_bin else "llama.cpp: not run."),
+        (f"Workload: {args.input_len}-token random prompts, {args.output_len} tokens out "
+         f"(ignore_eos, greedy), {args.prompts_per_concurrency} x C prompts at most C in flight, "
+         f"medians of {args.runs} run(s). Tandem: "
+         f"`{shlex.join(['tandem', 'serve', '--model', 'smollm2', *tandem_args])}`, "
+         f"{weights['tandem'][0]} weights. HF: static batches of C, TTFT "
+         f"from the batch's start. Took {(time.perf_counter() - started) / 60:.1f} min."),
+    ]
+    print(report(results, labels, roof, median(gbs), header, notes))
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump({"machine": info, "cpu_flags": sorted(flags & set(GGML_FLAGS)),
+                       "args": vars(args), "llama_build": build_note,
+                       "llama_version": llama_version(llama_bin) if llama_bin else None,
+                       "bandwidth_gbs": gbs, "bandwidth_gbs_median": median(gbs), "roofline": roof,
+                       "notes": notes, "results": results}, f, indent=1)
+        print(f"raw numbers in {args.result_file}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

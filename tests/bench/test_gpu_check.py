@@ -1,0 +1,21 @@
+"""benchmarks/gpu_check.py, run end to end on the CPU with a tiny random model: what a CPU can
+show of the script a GPU session runs (the checks pass, the table prints)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+import gpu_check
+
+
+def test_gpu_check_runs_on_cpu(smollm2_dir, capsys):
+    rc = gpu_check.main(["--device", "cpu", "--shape", "tiny", "--tokenizer-from", smollm2_dir,
+                         "--batches", "1", "3", "--new", "4", "--greedy-tokens", "4",
+                         "--prompt-len", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "GPU CHECK PASSED" in out
+    assert "default: 8/8 prompts identical" in out
+    table = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert len(table) == 2, out
+    assert out.rstrip().endswith("GPU CHECK PASSED")
