@@ -42,6 +42,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
+    decode_weight_dtype: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -77,6 +78,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.decode_weight_dtype not in DECODE_WEIGHT_DTYPES:
+            raise ValueError(f"decode_weight_dtype: must be one of "
+                             f"{', '.join(DECODE_WEIGHT_DTYPES)}, got {self.decode_weight_dtype!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -108,6 +112,9 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
 # "fp8" is vLLM's alias for e4m3 (more mantissa; e5m2 trades it for range).
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
                    "fp8_e5m2": torch.float8_e5m2}
+# "auto": the model's weights only. A 16-bit copy halves the bytes a one- or two-row step reads
+# (the CPU is memory-bound there) at the cost of 16-bit activations in those steps.
+DECODE_WEIGHT_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -150,6 +157,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="auto: the model dtype; fp8_*: float8 with per-token, per-head scales")
+    p.add_argument("--decode-weight-dtype", default=d.decode_weight_dtype,
+                   choices=list(DECODE_WEIGHT_DTYPES),
+                   help="float16/bfloat16: steps of at most 2 tokens read a 16-bit copy of the "
+                        "weights (faster single-stream decode on CPU; more memory)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")

@@ -7,12 +7,18 @@ from tandem.attention.backend import get_backend
 from tandem.attention.kv_quant import SCALE_DTYPE, is_fp8
 from tandem.attention.layer import Attention
 from tandem.attention.metadata import AttentionMetadata, PrefillSeq, set_metadata
-from tandem.config import KV_CACHE_DTYPES, EngineConfig, default_kv_cache_memory
+from tandem.config import (
+    DECODE_WEIGHT_DTYPES,
+    KV_CACHE_DTYPES,
+    EngineConfig,
+    default_kv_cache_memory,
+)
 from tandem.distributed.group import TPGroup
 from tandem.distributed.step import StepInputs
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
+from tandem.layers.linear import add_decode_copies
 from tandem.layers.sampler import Sampler, SampleResult
 from tandem.loader.weights import load_model
 from tandem.models.registry import model_class
@@ -27,6 +33,8 @@ class ModelRunner:
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
         self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype)
+        if DECODE_WEIGHT_DTYPES[config.decode_weight_dtype] is not None:
+            add_decode_copies(self.model, DECODE_WEIGHT_DTYPES[config.decode_weight_dtype])
         self.sampler = Sampler()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         backend = get_backend(self.device)

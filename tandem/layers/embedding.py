@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
-from tandem.layers.linear import copy_into, divide
+from tandem.layers.linear import copy_into, divide, matmul
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -31,6 +31,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.lowp: torch.Tensor | None = None  # add_decode_copies fills it
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on rank 0 (None elsewhere)."""
-        return gather_to_first(F.linear(hidden, self.weight), dim=-1)
+        return gather_to_first(matmul(hidden, self.weight, self.lowp), dim=-1)

@@ -50,6 +50,32 @@ def copy_whole(param: torch.Tensor, loaded) -> None:
     copy_into(param, loaded)
 
 
+# Rows up to which a step may use the 16-bit decode copy of a weight (see DECODE_WEIGHT_DTYPES);
+# from 3 rows on, the float32 kernel below reads the weight as fast per row.
+LOWP_MAX_ROWS = 2
+# On CPU, x @ W.T with a few rows makes BLAS repack W.T on every call; W @ x.T streams W in its
+# stored layout and measured 1.4-2x faster from 2 to ~256 rows (BENCHMARKS.md). Above, plain wins.
+SKINNY_MAX_ROWS = 256
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x @ weight.T, by the fastest route for the number of rows."""
+    rows = x.shape[0]
+    if lowp is not None and rows <= LOWP_MAX_ROWS:
+        return F.linear(x.to(lowp.dtype), lowp).to(x.dtype)
+    if x.device.type == "cpu" and 1 < rows <= SKINNY_MAX_ROWS and x.dim() == 2:
+        return torch.mm(weight, x.t()).t().contiguous()
+    return F.linear(x, weight)
+
+
+def add_decode_copies(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every projection and the LM head a `lowp` copy of its weight in `dtype`."""
+    for m in model.modules():
+        if isinstance(m, LinearBase) or hasattr(m, "lowp"):
+            m.lowp = m.weight.detach().to(dtype)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -59,9 +85,11 @@ class LinearBase(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+        self.lowp: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = matmul(x, self.weight, self.lowp)
+        return y if self.bias is None else y + self.bias
 
 
 class ReplicatedLinear(LinearBase):
@@ -136,6 +164,5 @@ class RowParallelLinear(LinearBase):
         copy_into(param, loaded, 0, tp_rank() * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        y = all_reduce(y)
+        y = all_reduce(matmul(x, self.weight, self.lowp))
         return y if self.bias is None else y + self.bias
