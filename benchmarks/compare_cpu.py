@@ -55,7 +55,7 @@ from tandem.bench.datasets import random_requests
 from tandem.bench.metrics import RequestResult, summarize
 from tandem.bench.serve import add_serve_args, bench_serve
 from tandem.cli import build_parser
-from tandem.config import DTYPES, EngineConfig
+from tandem.config import DECODE_WEIGHT_DTYPES, DTYPES, EngineConfig
 from tandem.loader.model_path import resolve_model, smollm2_gguf
 from tandem.loader.tokenizer import load_tokenizer
 
@@ -264,8 +264,9 @@ def main() -> None:
     cs = sorted(set(args.concurrency))
     folder, q4_1 = resolve_model("smollm2"), smollm2_gguf()
     tandem_args = shlex.split(args.tandem_args)
-    tandem_dtype = EngineConfig.from_args(build_parser().parse_args(
-        ["serve", *tandem_args])).torch_dtype
+    tandem_cfg = EngineConfig.from_args(build_parser().parse_args(["serve", *tandem_args]))
+    # What a single-stream step reads: the 16-bit decode copy when there is one.
+    tandem_dtype = DECODE_WEIGHT_DTYPES[tandem_cfg.decode_weight_dtype] or tandem_cfg.torch_dtype
     hf_dtype = DTYPES[args.hf_dtype]
 
     llama_bin, build_note, ggufs = None, "", {}
