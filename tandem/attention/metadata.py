@@ -12,7 +12,7 @@ class PrefillSeq:
     q_len: int
     context_len: int  # cached plus new tokens the queries attend to
     block_table: torch.Tensor  # [ceil(context_len / block_size)]
-    mask: torch.Tensor | None = None  # [q_len, context_len] causal mask past cached tokens
+    mask: torch.Tensor | None = None  # [q_len, context_len] causal past cached tokens (0/-inf)
 
 
 @dataclass
@@ -20,7 +20,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]: where each new token's K/V is written
     num_decode: int = 0  # the flat batch starts with this many one-token decodes
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks], padded
-    decode_mask: torch.Tensor | None = None  # [1, num_decode, 1, max_blocks * block_size]
+    decode_mask: torch.Tensor | None = None  # [1, num_decode, 1, max_blocks * block_size], 0/-inf
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 

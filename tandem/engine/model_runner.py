@@ -104,15 +104,15 @@ class ModelRunner:
         if meta.num_decode:
             width = inp.decode_tables.shape[1]
             meta.decode_block_tables = inp.decode_tables
-            meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :]
-                                < inp.decode_lens[:, None])[None, :, None, :]
+            meta.decode_mask = additive((torch.arange(width * bs, device=dev)[None, :]
+                                         < inp.decode_lens[:, None])[None, :, None, :], self.dtype)
         at = 0
         for q_start, n, start in inp.prefills.tolist():
             nb = cdiv(start + n, bs)
             mask = None
             if start:  # causal past the cached tokens
-                mask = (torch.arange(start + n, device=dev)[None, :]
-                        <= torch.arange(n, device=dev)[:, None] + start)
+                mask = additive(torch.arange(start + n, device=dev)[None, :]
+                                <= torch.arange(n, device=dev)[:, None] + start, self.dtype)
             meta.prefills.append(PrefillSeq(q_start, n, start + n,
                                             inp.prefill_tables[at:at + nb], mask))
             at += nb
@@ -143,3 +143,10 @@ class ModelRunner:
         if logits is None:
             return reqs, None
         return reqs, self.sampler(logits, reqs)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the float one SDPA adds: made once a step, where every
+    layer's SDPA would convert a boolean mask again."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf"))

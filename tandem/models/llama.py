@@ -14,6 +14,10 @@ from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rope_parameters(config) -> dict:
     rope = getattr(config, "rope_parameters", None)
     if rope:
@@ -22,26 +26,26 @@ def rope_parameters(config) -> dict:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding):
         super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=o_bias)
-        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings,
-                                          rope_parameters(config))
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        heads = self.num_heads + self.num_kv_heads
+        qk_size = heads * self.head_dim
+        qkv = self.qkv_proj(x)
+        # Queries and keys rotate as one tensor: half the small ops of doing each apart.
+        qk = self.rotary_emb(positions, qkv[:, :qk_size].view(-1, heads, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        o = self.attn(q, k, qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o.flatten(1))
 
 
@@ -59,9 +63,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, biases: tuple[bool, bool]):
+    def __init__(self, config, biases: tuple[bool, bool], rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(config, *biases)
+        self.self_attn = LlamaAttention(config, *biases, rotary_emb)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -80,7 +84,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config, biases: tuple[bool, bool]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, biases)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                     rope_parameters(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, biases, rotary_emb)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
