@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass
 import httpx
 import numpy as np
 
-from tandem.bench.datasets import shared_prefix_requests
+from tandem.bench.datasets import BenchRequest, shared_prefix_requests
+from tandem.bench.serve import send_one
 from tandem.config import EngineConfig
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import load_tokenizer
@@ -229,38 +230,15 @@ async def one_request(client: httpx.AsyncClient, url: str, req: Request, body: d
     delay = t0 + req.arrival_s - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
-    res = Result(waited=slots is not None and slots.locked())
+    waited = slots is not None and slots.locked()
     async with slots or _NoSlot():
         # As sglang's bench_serving: latency from the send, after any wait for a slot.
-        start = time.perf_counter()
-        try:
-            async with client.stream("POST", f"{url}/v1/completions",
-                                     json={**body, "prompt": req.prompt}) as r:
-                if r.status_code != 200:
-                    res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                    return res
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        res.error = str(chunk["error"])[:200]
-                        return res
-                    if math.isnan(res.ttft_s) and any(c.get("text")
-                                                      for c in chunk.get("choices") or []):
-                        res.ttft_s = time.perf_counter() - start
-                    if chunk.get("usage"):
-                        res.output_tokens = chunk["usage"]["completion_tokens"]
-        except httpx.HTTPError as e:
-            res.error = f"{type(e).__name__}: {e}"
-            return res
-        res.e2e_s = time.perf_counter() - start
-        if math.isnan(res.ttft_s):  # no chunk carried text: the first text came at the end
-            res.ttft_s = res.e2e_s
-    return res
+        r = await send_one(client, f"{url}/v1/completions", {**body, "prompt": req.prompt},
+                           BenchRequest(req.prompt, len(req.prompt_ids), body["max_tokens"]),
+                           t0, tokenizer=None)
+    if not r.success:
+        return Result(waited=waited, error=r.error[:200] or "no tokens")
+    return Result(r.ttft, r.latency, r.output_tokens, waited)
 
 
 class _NoSlot:

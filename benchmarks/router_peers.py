@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from tandem.procs import free_port, stop_process, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SGLANG_ROUTER = "sglang-router==0.3.2"
@@ -26,12 +26,6 @@ SGLANG_VENV = ROOT / ".bench" / "sglang-router"
 def exit_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so every process a benchmark started is stopped too."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sglang_python() -> str:
@@ -52,28 +46,10 @@ def sglang_version() -> str:
                 "?")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def wait_for(url: str, proc: subprocess.Popen, probe: Callable[[str], bool], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if probe(url):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}: not ready after {timeout:.0f}s")
+def wait_for(url: str, proc: subprocess.Popen, probe: Callable[[str], bool],
+             timeout: float = 180.0) -> None:
+    if not wait_until_ready(url, proc, probe, timeout):
+        raise RuntimeError(f"{url}: process exited with {proc.returncode}")
 
 
 def routes_a_request(url: str) -> bool:
@@ -96,7 +72,7 @@ def process(cmd: list[str], url: str, probe: Callable[[str], bool] = routes_a_re
             wait_for(url, proc, probe)
             yield url
         finally:
-            stop(proc)
+            stop_process(proc)
 
 
 def tandem_router(urls: list[str], policy: str = "cache_aware",

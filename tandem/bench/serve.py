@@ -157,7 +157,7 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, req: BenchRe
     if usage and usage.get("completion_tokens") is not None:
         res.output_tokens = int(usage["completion_tokens"])
         res.prompt_len = int(usage.get("prompt_tokens") or res.prompt_len)
-    else:  # a server without usage in streams: count what came back
+    elif tokenizer is not None:  # a server without usage in streams: count what came back
         res.output_tokens = len(tokenizer.encode(res.text, add_special_tokens=False))
     res.success = bool(texts) or res.output_tokens == 0
     if not texts:

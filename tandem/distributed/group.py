@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from tandem.config import EngineConfig
 from tandem.distributed import step
+from tandem.procs import free_port
 
 logger = logging.getLogger("tandem.distributed")
 KEEPALIVE_S = 1.0
@@ -59,12 +59,6 @@ def init_process_group(config: EngineConfig, rank: int, device: torch.device) ->
     dist.init_process_group(backend_for(device), rank=rank,
                             world_size=config.tensor_parallel_size, timeout=collective_timeout(),
                             init_method=f"tcp://{config.master_addr}:{config.master_port}")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def spawn_local_workers(config: EngineConfig, first_rank: int, count: int) -> list[subprocess.Popen]:

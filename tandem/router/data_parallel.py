@@ -4,18 +4,10 @@ does not. The replicas are this process's children and end with it."""
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tandem.procs import free_port, wait_until_ready
 
 
 def replica_argv(argv: list[str], port: int) -> list[str]:
@@ -37,25 +29,19 @@ def replica_argv(argv: list[str], port: int) -> list[str]:
 def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     from tandem.router.launch import route
 
-    ports = [_free_port() for _ in range(args.data_parallel_size)]
+    ports = [free_port() for _ in range(args.data_parallel_size)]
     procs = [subprocess.Popen([sys.executable, "-m", "tandem.cli", *replica_argv(argv, p)])
              for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        deadline = time.monotonic() + 600
-        for url, proc in zip(urls, procs):
-            while True:
-                if proc.poll() is not None:
+        for url, proc in zip(urls, procs):  # they load in parallel: 600 s for each is plenty
+            try:
+                if not wait_until_ready(url, proc, timeout=600):
                     print(f"error: replica {url} exited with {proc.returncode}", file=sys.stderr)
                     return 1
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    return 1
-                time.sleep(0.2)
+            except TimeoutError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         router_args = argparse.Namespace(
             worker_urls=urls, policy="cache_aware", tokenizer=args.model, host=args.host,
             port=args.port, api_key=list(args.api_key), max_concurrent_requests=1024,

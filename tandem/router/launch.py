@@ -2,42 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import logging
-import time
 
 import uvicorn
 
-from tandem.router.app import RouterState, build_router_app, make_state
+from tandem.draining import DrainingServer
+from tandem.router.app import build_router_app, make_state
 from tandem.router.policies import POLICIES
 
 logger = logging.getLogger("tandem.router")
-
-
-class DrainingRouter(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: RouterState, shutdown_timeout: float):
-        super().__init__(config)
-        self.state, self.shutdown_timeout = state, shutdown_timeout
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets=None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if self.state.draining or self.loop is None:
-            self.should_exit = True
-            return
-        self.state.draining = True
-        logger.info("signal %s: draining for up to %.0fs", sig, self.shutdown_timeout)
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.shutdown_timeout
-        while self.state.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self.should_exit = True
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +39,7 @@ def route(args: argparse.Namespace) -> int:
                        queue_timeout=args.queue_timeout, request_timeout=args.request_timeout)
     logger.info("tandem router on http://%s:%d policy=%s replicas=%s", args.host, args.port,
                 args.policy, " ".join(args.worker_urls))
-    server = DrainingRouter(uvicorn.Config(build_router_app(state), host=args.host,
+    server = DrainingServer(uvicorn.Config(build_router_app(state), host=args.host,
                                            port=args.port, log_level="warning"),
                             state, args.shutdown_timeout)
     # What was imported so far (the CLI pulls in torch) lives as long as the process: keep it

@@ -4,29 +4,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 
 import uvicorn
 
 from tandem.config import EngineConfig, dtype_name
+from tandem.draining import DrainingServer
 from tandem.engine.async_engine import AsyncEngine
 from tandem.server.openai_api import ServerState, build_app
 
 logger = logging.getLogger("tandem.server")
 
 
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM keep listening: /ready turns 503, new work gets 503, in-flight requests get
-    up to `shutdown_timeout` seconds, then the rest are aborted and the process exits 0."""
+class EngineServer(DrainingServer):
+    """The drain of `tandem.draining`, plus: requests still running at the deadline are
+    aborted, and a dead engine makes the process exit non-zero."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
-        super().__init__(config)
-        self.state, self.shutdown_timeout = state, shutdown_timeout
-        self.loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(config, state, shutdown_timeout)
         self.exit_code = 0
 
     async def startup(self, sockets=None) -> None:
-        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         self._watch = asyncio.ensure_future(self._watch_engine())
 
@@ -42,26 +39,10 @@ class DrainingServer(uvicorn.Server):
         await asyncio.sleep(1.0)  # let the failed requests' error responses go out
         self.should_exit = True
 
-    def handle_exit(self, sig: int, frame) -> None:
-        # Not recorded in _captured_signals: uvicorn would re-raise it and the exit code would
-        # say "killed by SIGTERM" after a clean drain.
-        if self.state.draining or self.loop is None:
-            self.should_exit = True  # a second signal, or one before start-up: stop now
-            return
-        self.state.draining = True
-        logger.info("signal %s: draining for up to %.0fs", sig, self.shutdown_timeout)
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.shutdown_timeout
-        while self.state.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.state.inflight:
-            logger.warning("aborting %d requests still running", self.state.inflight)
-            self.state.engine.abort_all("server is shutting down")
-            while self.state.inflight and time.monotonic() < deadline + 5:
-                await asyncio.sleep(0.05)
-        self.should_exit = True
+    async def on_timeout(self, deadline: float) -> None:
+        logger.warning("aborting %d requests still running", self.state.inflight)
+        self.state.engine.abort_all("server is shutting down")
+        await self.wait_idle(deadline + 5)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -104,10 +85,10 @@ def serve(args: argparse.Namespace) -> int:
                 "kv_capacity_tokens=%d kv_cache_dtype=%s", args.host, args.port, state.model_name,
                 dtype_name(config.torch_dtype), config.torch_device,
                 e.kv_capacity_tokens, dtype_name(e.runner.kv_dtype))
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5),
-                            state, args.shutdown_timeout)
+    server = EngineServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                         log_level="warning", access_log=False,
+                                         timeout_graceful_shutdown=5),
+                          state, args.shutdown_timeout)
     server.run()
     engine.shutdown()
     return server.exit_code

@@ -2,7 +2,6 @@
 503) and the process exits 0."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -11,13 +10,9 @@ import time
 import httpx
 from test_app import BODY, replica
 
+from tandem.procs import free_port, wait_until_ready
+
 from fake_replicas import FakeReplicas  # isort: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0():
@@ -28,13 +23,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
                                  fake.urls["a"], "--port", str(port), "--shutdown-timeout", "10"],
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            assert wait_until_ready(url, proc, timeout=60)
             got = {}
             t = threading.Thread(target=lambda: got.update(
                 r=httpx.post(f"{url}/v1/completions", json=BODY, timeout=30)))

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+
+from tandem.procs import free_port, stop_process, wait_until_ready
 
 MODEL_NAME = "smollm2"
 API_KEYS = ("test-key-1", "test-key-2")
@@ -30,22 +30,6 @@ class Server:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @contextmanager
@@ -73,29 +57,22 @@ def start_server(model_dir: str, *extra: str) -> Iterator[Server]:
             pytest.fail(f"server exited with {proc.returncode} before it was ready:\n"
                         f"{server.log()[-5000:]}")
         except BaseException:
-            _stop(proc)
+            stop_process(proc, 30)
             os.unlink(log_path)
             raise
     try:
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc, 30)
         os.unlink(server.log_path)
 
 
 def _wait_ready(server: Server) -> bool:
     """True once /ready is 200; False if the process died first; fails on the timeout."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {READY_TIMEOUT_S:.0f}s:\n{server.log()[-5000:]}")
+    try:
+        return wait_until_ready(server.url, server.proc, timeout=READY_TIMEOUT_S)
+    except TimeoutError:
+        pytest.fail(f"server not ready after {READY_TIMEOUT_S:.0f}s:\n{server.log()[-5000:]}")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from server_utils import MODEL_NAME, free_port
+from server_utils import MODEL_NAME, free_port, wait_until_ready
 
 
 def test_dp2_serves_through_its_router_and_stops_its_replicas(smollm2_dir):
@@ -20,14 +19,7 @@ def test_dp2_serves_through_its_router_and_stops_its_replicas(smollm2_dir):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        assert wait_until_ready(url, proc, timeout=180)
         workers = httpx.get(f"{url}/workers").json()["workers"]
         assert len(workers) == 2 and all(w["healthy"] for w in workers)
         r = httpx.post(f"{url}/v1/completions", timeout=60,

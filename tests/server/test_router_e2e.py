@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
-from server_utils import MODEL_NAME, free_port, start_server
+from server_utils import MODEL_NAME, free_port, start_server, wait_until_ready
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +21,7 @@ def router(smollm2_dir, server):
                                  a.url, b.url, "--port", str(port), "--tokenizer", smollm2_dir],
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        assert wait_until_ready(url, proc, timeout=30)
         try:
             yield url, (a, b)
         finally:
