@@ -54,8 +54,8 @@ def copy_whole(param: torch.Tensor, loaded) -> None:
 # from 3 rows on, the float32 kernel below reads the weight as fast per row.
 LOWP_MAX_ROWS = 2
 # On CPU, x @ W.T with a few rows makes BLAS repack W.T on every call; W @ x.T streams W in its
-# stored layout and measured 1.4-2x faster from 2 to ~256 rows (BENCHMARKS.md). Above, plain wins.
-SKINNY_MAX_ROWS = 256
+# stored layout: 1.1-2.2x faster from 2 to 128 rows, 0.9x at 256 (benchmarks/cpu_matmul.py).
+SKINNY_MAX_ROWS = 128
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None = None
