@@ -33,8 +33,9 @@ class ModelRunner:
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
         self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype)
-        if DECODE_WEIGHT_DTYPES[config.decode_weight_dtype] is not None:
-            add_decode_copies(self.model, DECODE_WEIGHT_DTYPES[config.decode_weight_dtype])
+        decode_dtype = DECODE_WEIGHT_DTYPES[config.decode_weight_dtype]
+        if decode_dtype is not None:
+            add_decode_copies(self.model, decode_dtype)
         self.sampler = Sampler()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         backend = get_backend(self.device)

@@ -28,21 +28,22 @@ def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """One per model, shared by every layer: a step looks up its positions' cos/sin once."""
+    """One per model: a step looks up its positions' cos/sin once and every layer's
+    `apply_rotary` reuses them."""
 
     def __init__(self, head_dim: int, max_position: int, rope: dict):
         super().__init__()
         freqs = torch.outer(torch.arange(max_position).float(), rope_inv_freq(head_dim, rope))
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
-        self._positions: torch.Tensor | None = None
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] (queries and keys side by side) -> x rotated to its positions."""
-        if positions is not self._positions:  # the first layer of a step
-            self._positions = positions
-            self._cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-        cos, sin = self._cos_sin
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> (cos, sin), each [T, 1, D / 2]."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, heads, D] (queries and keys side by side) -> x rotated to its positions."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -11,7 +11,7 @@ from tandem.attention.layer import Attention
 from tandem.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tandem.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tandem.layers.norm import RMSNorm
-from tandem.layers.rotary import RotaryEmbedding
+from tandem.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def head_dim_of(config) -> int:
@@ -26,7 +26,7 @@ def rope_parameters(config) -> dict:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool):
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
@@ -35,15 +35,14 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=o_bias)
-        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads + self.num_kv_heads
         qk_size = heads * self.head_dim
         qkv = self.qkv_proj(x)
         # Queries and keys rotate as one tensor: half the small ops of doing each apart.
-        qk = self.rotary_emb(positions, qkv[:, :qk_size].view(-1, heads, self.head_dim))
+        qk = apply_rotary(qkv[:, :qk_size].view(-1, heads, self.head_dim), rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         o = self.attn(q, k, qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o.flatten(1))
@@ -63,19 +62,19 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, biases: tuple[bool, bool], rotary_emb: RotaryEmbedding):
+    def __init__(self, config, biases: tuple[bool, bool]):
         super().__init__()
-        self.self_attn = LlamaAttention(config, *biases, rotary_emb)
+        self.self_attn = LlamaAttention(config, *biases)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, x, residual):
+    def forward(self, rope, x, residual):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(rope, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -84,16 +83,17 @@ class LlamaModel(nn.Module):
     def __init__(self, config, biases: tuple[bool, bool]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
-                                     rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, biases, rotary_emb)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                          rope_parameters(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, biases)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary_emb(positions)  # once a step, not once a layer
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(rope, x, residual)
         x, _ = self.norm(x, residual)
         return x
 
