@@ -58,6 +58,7 @@ from tandem.cli import build_parser
 from tandem.config import DECODE_WEIGHT_DTYPES, DTYPES, EngineConfig
 from tandem.loader.model_path import resolve_model, smollm2_gguf
 from tandem.loader.tokenizer import load_tokenizer
+from tandem.procs import answers_ready
 
 # The script's own folder is on sys.path when it runs as a file.
 from llama_peer import cpu_flags, f16_gguf, llama_cmd, llama_server, llama_version  # isort: skip
@@ -94,10 +95,6 @@ def llama_ready(url: str) -> bool:
     return httpx.get(f"{url}/health", timeout=2).status_code == 200
 
 
-def tandem_ready(url: str) -> bool:
-    return httpx.get(f"{url}/ready", timeout=2).status_code == 200
-
-
 def measure_server(url: str, folder: str, cs: list[int], args: argparse.Namespace, run: int
                    ) -> dict[int, dict]:
     model = served_model(url)
@@ -113,7 +110,7 @@ def prompt_seed(run: int, c: int) -> int:
 def measure_tandem(tandem_args: list[str], folder: str, cs: list[int],
                    args: argparse.Namespace, run: int) -> dict[int, dict]:
     cmd, url = tandem_replica("smollm2", *tandem_args)
-    with process(cmd, url, tandem_ready, env={"OMP_NUM_THREADS": str(args.threads)}):
+    with process(cmd, url, answers_ready, env={"OMP_NUM_THREADS": str(args.threads)}):
         return measure_server(url, folder, cs, args, run)
 
 

@@ -57,11 +57,12 @@ from tandem.bench.serve import send_one
 from tandem.config import EngineConfig
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import load_tokenizer
+from tandem.procs import answers_ready, stop_process
 
 # The script's own folder is on sys.path when it runs as a file.
 from offline_throughput import machine, median  # isort: skip
-from router_peers import (ROOT, exit_on_sigterm, is_ready, process, sglang_router,  # isort: skip
-                          sglang_version, stop, tandem_replica, tandem_router, wait_for)
+from router_peers import (ROOT, exit_on_sigterm, process, sglang_router,  # isort: skip
+                          sglang_version, tandem_replica, tandem_router, wait_for)
 
 # name -> (router, policy, tokenizer for exact block matching)
 CONFIGS = {
@@ -177,7 +178,7 @@ def replicas(n: int, model: str, extra: list[str],
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
             for proc, _ in started:
-                stop(proc)
+                stop_process(proc)
 
 
 def wait_routable(url: str, n: int, exact: bool, timeout: float = 60.0) -> None:
@@ -286,7 +287,7 @@ def run_once(name: str, args: argparse.Namespace, w: Workload, reqs: list[Reques
         # router starts while the replicas load; its probe passes once one replica answers.
         stack.enter_context(process(cmd, url, probe=lambda u: routes(u, args.model)))
         for proc, u in started:
-            wait_for(u, proc, is_ready)  # all of them, and raises if one exited
+            wait_for(u, proc, answers_ready)  # all of them, and raises if one exited
         wait_routable(url, len(urls), exact=CONFIGS[name][2])
         warm_replicas(urls, args.model)
         before = scrape(urls)

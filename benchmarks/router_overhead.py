@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from router_peers import (exit_on_sigterm, free_port, is_ready, process, sglang_router,  # isort: skip
+from tandem.procs import answers_ready
+
+from router_peers import (exit_on_sigterm, free_port, process, sglang_router,  # isort: skip
                           sglang_version, tandem_router)
 
 from offline_throughput import machine, median  # isort: skip
@@ -200,7 +202,7 @@ def main() -> None:
 
     with ExitStack() as stack:
         cmd, url = stub_cmd()
-        stub = stack.enter_context(process(cmd, url, probe=is_ready))
+        stub = stack.enter_context(process(cmd, url, probe=answers_ready))
         targets = {"direct": stub}
         cmd, url = tandem_router([stub], "round_robin")
         targets["tandem"] = stack.enter_context(process(cmd, url))

@@ -101,7 +101,3 @@ def tandem_replica(model: str, *extra: str) -> tuple[list[str], str]:
     cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--log-stats-interval", "0", *extra]
     return cmd, f"http://127.0.0.1:{port}"
-
-
-def is_ready(url: str) -> bool:
-    return httpx.get(f"{url}/ready", timeout=2).status_code == 200
