@@ -62,7 +62,7 @@ from tandem.procs import answers_ready
 
 # The script's own folder is on sys.path when it runs as a file.
 from llama_peer import cpu_flags, f16_gguf, llama_cmd, llama_server, llama_version  # isort: skip
-from offline_throughput import hf_generate, machine, median  # isort: skip
+from offline_throughput import hf_generate, hf_weight_bytes, machine, median  # isort: skip
 from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
 
 ENGINES = ("tandem", "llama-f16", "llama-q4_1", "hf")
@@ -164,14 +164,6 @@ def bandwidth_gbs(samples: int = 7) -> list[float]:
         t.sum()
         out.append(t.numel() * t.element_size() / (time.perf_counter() - start) / 1e9)
     return out
-
-
-def hf_weight_bytes(folder: str, dtype: torch.dtype) -> int:
-    """All parameters at `dtype`; parameters() counts the tied embedding / LM head once."""
-    config = transformers.AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
 def gguf_weight_bytes(path: str) -> int:

@@ -24,6 +24,7 @@ import time
 import torch
 import transformers
 from cuda_check import check_greedy
+from offline_throughput import hf_weight_bytes
 from random_model import write_random_model
 
 from tandem import LLM, SamplingParams
@@ -131,13 +132,6 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * a.numel() * a.element_size() / statistics.median(times[1:])
 
 
-def weight_bytes(model: str) -> int:
-    """Parameters a decode step reads, in bfloat16 (a tied LM head counted once)."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    n = sum(p.numel() for p in hf.parameters())  # parameters() yields a tied weight once
-    return 2 * n
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a checkpoint folder (default: random weights)")
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             theirs = hf_decode(model, dev, b, args.prompt_len, args.new)
             rows.append((b, ours, theirs))
             print(f"batch {b}: Tandem {ours:.1f} tok/s, HF {theirs:.1f} tok/s", flush=True)
-        bw, nbytes = copy_bandwidth(dev), weight_bytes(model)
+        bw, nbytes = copy_bandwidth(dev), hf_weight_bytes(model, torch.bfloat16)
     floor_ms = nbytes / bw * 1e3
     ok = not greedy_failures and bf16_ok
     print(f"\n## gpu_check on {name} ({time.perf_counter() - t_start:.0f} s)\n")

@@ -164,6 +164,14 @@ def machine() -> dict[str, str]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 
 
+def hf_weight_bytes(folder: str, dtype: torch.dtype) -> int:
+    """All parameters at `dtype`; parameters() counts the tied embedding / LM head once."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
