@@ -7,7 +7,6 @@ land under `.bench/` once and are reused after.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -116,12 +115,6 @@ def f16_gguf(hf_folder: str, dest: Path = F16_GGUF) -> Path:
     """`hf_folder` converted to a 16-bit GGUF by llama.cpp's own script, once."""
     if dest.is_file():
         return dest
-    if not json.loads(Path(hf_folder, "config.json").read_text()).get("architectures"):
-        # llama.cpp's script picks its converter by it; Tandem's GGUF conversion wrote none
-        # before 53182c8, and its cache keeps such folders.
-        raise SystemExit(f"{hf_folder}/config.json names no architectures, which "
-                         "convert_hf_to_gguf.py needs: a stale Tandem cache; delete the folder "
-                         "and run again")
     src = llama_source()
     tmp = dest.with_suffix(".part")
     subprocess.run([peer_python(), str(src / "convert_hf_to_gguf.py"), hf_folder,
