@@ -1,0 +1,50 @@
+"""Tandem's in-process decode step time: B requests of 128-token prompts decode together, and
+the median of the last steps (all B decoding, prefill long done) is reported per batch size.
+No server, no client: the engine's own step, which BENCHMARKS.md's CPU decode numbers quote.
+
+    .venv/bin/python benchmarks/decode_step.py --batches 1 16 64 --decode-weight-dtype float16
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tandem import LLM, SamplingParams
+from tandem.config import DECODE_WEIGHT_DTYPES
+
+
+def step_ms(llm: LLM, batch: int, steps: int, tag: str) -> float:
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    for i in range(batch):  # distinct prompts: no prefix-cache hits between requests
+        engine.add_request(f"{tag}-{i}", list(range(100 + i, 228 + i)), params)
+    times = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[-steps:]) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--decode-weight-dtype", default="float16", choices=list(DECODE_WEIGHT_DTYPES))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--steps", type=int, default=10, help="decode steps in each median")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype)
+    print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, {args.threads} "
+          f"threads\n\n| batch | step ms | tok/s |\n|---:|---:|---:|")
+    for b in args.batches:
+        ms = step_ms(llm, b, args.steps, f"b{b}")
+        print(f"| {b} | {ms:.1f} | {b / ms * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
