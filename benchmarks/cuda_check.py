@@ -15,20 +15,22 @@ import sys
 
 import torch
 import transformers
+from kv_accuracy import Scorer
 
 from tandem import LLM, SamplingParams
 from tandem.config import DTYPES
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--device", default="cuda")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="fp8_*: the variants must agree with each other (HF agreement is shown)")
-    args = p.parse_args()
+                   help="fp8_*: teacher-forced top-1 agreement with the model-dtype KV cache "
+                        "(free-running agreement with HF is shown, not gated)")
+    args = p.parse_args(argv)
     failures = check_greedy(args.model, args.dtype, args.device, args.kv_cache_dtype, args.new)
     print("CUDA CHECK", "PASSED" if not failures else f"FAILED ({failures} variants differ)")
     return 1 if failures else 0
@@ -51,7 +53,7 @@ def check_greedy(model: str, dtype_name: str, device: str, kv_cache_dtype: str =
         hf_logits = hf(torch.tensor([prompts[-1]], device=dev)).logits[0, -1].float()
     del hf
     params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
-    failures, first = 0, None
+    failures = 0
     for name in ("default", "preempt", "chunked"):
         if name == "preempt":
             llm = _small_kv_llm(args, prompts)
@@ -69,9 +71,7 @@ def check_greedy(model: str, dtype_name: str, device: str, kv_cache_dtype: str =
               f"{llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks}")
         if args.kv_cache_dtype == "auto":
             failures += agree != len(ref)
-        else:  # fp8 rounds K/V, so HF is not the reference; the default variant is
-            first = first if name != "default" else got
-            failures += got != first
+        failures += llm.engine.kv.num_free_blocks != llm.engine.kv.num_blocks
         engine = llm.engine
         if name == "default":
             engine.add_request("logits", prompts[-1], SamplingParams(temperature=0, max_tokens=1))
@@ -80,10 +80,38 @@ def check_greedy(model: str, dtype_name: str, device: str, kv_cache_dtype: str =
                   f"{(logits[0].float() - hf_logits).abs().max().item():.2e}")
             engine.abort_request("logits")
         del llm, engine
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        free(dev)
+    if args.kv_cache_dtype != "auto":
+        failures += not _fp8_teacher_forced(args, prompts, ref)
     return failures
+
+
+def _fp8_teacher_forced(args, prompts: list[list[int]], ref: list[list[int]]) -> bool:
+    """fp8 rounds K/V, and greedy decoding amplifies one flipped rounding into a different
+    continuation, so free-running tokens say little (a step's row count picks the GEMM kernel,
+    which can move K/V by an ulp before the cast). What holds: fed HF's greedy tokens, the fp8
+    cache picks the same next token as the model-dtype cache at >= 95% of the positions
+    (issue 4's bound on SmolLM2), every prefill chunked so that later chunks read K/V back."""
+    agree = total = 0
+    scorers = [Scorer(LLM(model=args.model, dtype=args.dtype, device=args.device,
+                          kv_cache_memory="4GiB", kv_cache_dtype=kv, max_num_batched_tokens=24))
+               for kv in ("auto", args.kv_cache_dtype)]
+    for ids, new in zip(prompts, ref):
+        auto, fp8 = (s.logits(ids + new[:-1])[len(ids) - 1:].argmax(-1).cpu() for s in scorers)
+        agree += (auto == fp8).sum().item()
+        total += len(new)
+    rate = agree / total
+    print(f"{args.kv_cache_dtype} vs model-dtype KV, teacher-forced on HF's tokens: top-1 agree "
+          f"{agree}/{total} ({100 * rate:.1f}%, bound 95%)")
+    del scorers
+    free(torch.device(args.device))
+    return rate >= 0.95
+
+
+def free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _small_kv_llm(args, prompts) -> LLM:

@@ -2,8 +2,9 @@
 
 1. float32 greedy tokens for 8 prompts of 1-200 tokens in one batch equal HF transformers'
    per-prompt `generate` (also with preemption and with every prefill chunked);
-2. bfloat16 prefill logits close to HF's: Tandem's distance from the float32 logits is at
-   most twice HF bfloat16's own distance (plus 0.05), and the top-1 tokens agree;
+2. bfloat16 prefill logits close to HF's at every position of 4 prompts: Tandem's distance
+   from the float32 logits is at most twice HF bfloat16's own (plus 0.05), and it picks
+   float32's top-1 token about as often as HF bfloat16 does (within 5 points);
 3. decode throughput at batch 1, 32 and 256 (128-token prompts, bfloat16) for Tandem and HF;
 4. the bandwidth roofline: weight bytes per decode step over the measured copy bandwidth.
 
@@ -15,7 +16,6 @@ weights do not fit the GPU machine's transfer limit; speed does not depend on th
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import tempfile
@@ -23,7 +23,8 @@ import time
 
 import torch
 import transformers
-from cuda_check import check_greedy
+from cuda_check import check_greedy, free
+from kv_accuracy import Scorer
 from offline_throughput import hf_weight_bytes
 from random_model import write_random_model
 
@@ -35,44 +36,37 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, 40000, (n, length), generator=g).tolist()
 
 
-def tandem_last_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    engine = llm.engine
-    engine.add_request("logits", ids, SamplingParams(temperature=0, max_tokens=1))
-    _, logits = engine.runner.forward_logits(engine.scheduler.schedule())
-    engine.abort_request("logits")
-    return logits[0].float()
-
-
 def check_bf16_logits(model: str, dev: torch.device) -> tuple[bool, str]:
+    """Tandem bfloat16 against HF bfloat16, both measured from HF float32 at every position
+    of 4 prompts (384 next-token predictions): Tandem may be at most twice as far as HF
+    (+0.05), and must pick float32's top-1 token at most 5 points less often than HF does.
+    Rates over many positions, because bfloat16 flips near-ties, in HF as in Tandem."""
     ps = prompts(4, 96, seed=1)
     ref, hf16 = [], []
     for dtype, out in ((torch.float32, ref), (torch.bfloat16, hf16)):
         hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(dev).eval()
         with torch.inference_mode():
-            out += [hf(torch.tensor([p], device=dev)).logits[0, -1].float() for p in ps]
+            out += [hf(torch.tensor([p], device=dev)).logits[0].float().cpu() for p in ps]
         del hf
         free(dev)
     llm = LLM(model=model, dtype="bfloat16", device=str(dev), kv_cache_memory="1GiB")
-    ours = [tandem_last_logits(llm, p) for p in ps]
-    del llm
+    scorer = Scorer(llm)
+    ours = [scorer.logits(p).cpu() for p in ps]
+    del llm, scorer
     free(dev)
-    d_hf = max((a - b).abs().max().item() for a, b in zip(hf16, ref))
-    d_ours = max((a - b).abs().max().item() for a, b in zip(ours, ref))
-    top1 = sum(a.argmax() == b.argmax() for a, b in zip(ours, hf16))
-    ok = d_ours <= 2 * d_hf + 0.05 and top1 == len(ps)
-    return ok, (f"max |logit - float32|: Tandem {d_ours:.3f}, HF {d_hf:.3f}; "
-                f"top-1 agree {top1}/{len(ps)}")
+    ref, hf16, ours = torch.cat(ref), torch.cat(hf16), torch.cat(ours)
+    d_hf, d_ours = (hf16 - ref).abs().max().item(), (ours - ref).abs().max().item()
+    top1_hf = (hf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    top1_ours = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    ok = d_ours <= 2 * d_hf + 0.05 and top1_ours >= top1_hf - 0.05
+    return ok, (f"max |logit - float32|: Tandem {d_ours:.3f}, HF {d_hf:.3f}; top-1 as "
+                f"float32 over {len(ref)} positions: Tandem {100 * top1_ours:.1f}%, "
+                f"HF {100 * top1_hf:.1f}%")
 
 
 def tandem_decode(model: str, dev: torch.device, batch: int, prompt_len: int, new: int) -> float:

@@ -67,15 +67,17 @@ class Scorer:
         runner.model.model.register_forward_hook(lambda m, a, out: self.hidden.append(out))
 
     @torch.inference_mode()
-    def logprobs(self, ids: list[int]) -> torch.Tensor:
-        """[len(ids), vocab] float32 log-probabilities of each next token."""
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits of each next token."""
         self.hidden.clear()
         self.llm.generate([{"prompt_token_ids": ids}],
                           SamplingParams(temperature=0, max_tokens=1))
         hidden = torch.cat(self.hidden)[:len(ids)]  # the prefill step(s), not the 1 new token
         assert hidden.shape[0] == len(ids), "prefill was not captured whole"
-        logits = self.llm.engine.runner.model.compute_logits(hidden).float()
-        return torch.log_softmax(logits, dim=-1)
+        return self.llm.engine.runner.model.compute_logits(hidden).float()
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        return torch.log_softmax(self.logits(ids), dim=-1)
 
 
 def make_llm(model: str, kv_dtype: str, dtype: str, device: str, max_len: int) -> LLM:

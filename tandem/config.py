@@ -123,9 +123,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """bfloat16 only where the hardware computes it natively; emulated it is slower than fp32."""
+    """bfloat16 only where the hardware computes it natively; emulated it is slower than fp32.
+    On the CPU, TANDEM_CPU_BF16=0|1 overrides the cpuinfo probe, so one machine can take the
+    other kind's branch (the test suite runs its dtype-sensitive tests both ways)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    override = os.environ.get("TANDEM_CPU_BF16", "")
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise ValueError(f"TANDEM_CPU_BF16: must be 0 or 1, got {override!r}")
+    return cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """What /proc/cpuinfo says: AMX or AVX-512 bfloat16 instructions."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

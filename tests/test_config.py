@@ -78,6 +78,7 @@ def test_engine_config_accepts_devices(device):
     assert EngineConfig(device=device).device == device
 
 
+@pytest.mark.dtype_sensitive
 def test_torch_device_and_dtype():
     c = EngineConfig(device="cpu", dtype="float32")
     assert c.torch_device == torch.device("cpu") and c.torch_dtype is torch.float32
@@ -98,8 +99,35 @@ def test_fast_bf16_without_cpuinfo(monkeypatch):
     def no_file(*args, **kwargs):
         raise OSError("no /proc here")
 
+    monkeypatch.delenv("TANDEM_CPU_BF16", raising=False)
     monkeypatch.setattr("builtins.open", no_file)
     assert fast_bf16(torch.device("cpu")) is False
+
+
+def test_fast_bf16_follows_cpuinfo_flags(monkeypatch, tmp_path):
+    monkeypatch.delenv("TANDEM_CPU_BF16", raising=False)
+    real_open = open
+    for flags, want in (("fma avx2 f16c", False), ("avx2 avx512f avx512_bf16", True),
+                        ("avx2 amx_bf16 amx_int8", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda path, *a, _i=info, **k: real_open(
+            _i if path == "/proc/cpuinfo" else path, *a, **k))
+        assert fast_bf16(torch.device("cpu")) is want, flags
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_tandem_cpu_bf16_overrides_the_probe(monkeypatch, value):
+    monkeypatch.setenv("TANDEM_CPU_BF16", value)
+    assert fast_bf16(torch.device("cpu")) is (value == "1")
+    want = torch.bfloat16 if value == "1" else torch.float32
+    assert EngineConfig(device="cpu").torch_dtype is want
+
+
+def test_tandem_cpu_bf16_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("TANDEM_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="TANDEM_CPU_BF16"):
+        fast_bf16(torch.device("cpu"))
 
 
 def test_default_kv_cache_memory_on_cpu():

@@ -5,12 +5,17 @@ prompts, also when blocks run short (preemption), prefills are chunked, or a pre
 HF references run one sequence at a time without padding, so nothing but our engine batches."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from helpers import run_stepwise
 from transformers import LlamaForCausalLM
 
 from tandem import LLM, SamplingParams
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 MAX_NEW = 32
 BLOCK = 16
@@ -179,3 +184,34 @@ def test_prefix_cache_hits_give_the_same_tokens(smollm2_dir, prompt_ids, hf_gree
         assert cold.tokens[rid][:len(ref)] == ref, f"cold {rid}"
         assert warm.tokens[f"again-{rid}"] == cold.tokens[rid], f"warm {rid}"
     assert ours.engine.kv.num_free_blocks == ours.engine.kv.num_blocks
+
+
+@pytest.mark.dtype_sensitive
+def test_auto_dtype_logits_are_as_close_to_float32_as_hf_in_that_dtype(smollm2_dir, hf_model):
+    """`dtype="auto"` is bfloat16 or float32 by the CPU (TANDEM_CPU_BF16 flips it; `make test`
+    runs this both ways). Every position of the prompts and the passage is scored (~350
+    next-token predictions) against HF float32: in float32 Tandem matches it; in bfloat16 it
+    must be about as close as HF's own bfloat16, by the largest logit error and by how often
+    the top-1 token is float32's, because bfloat16 flips near-ties in HF as in Tandem."""
+    from kv_accuracy import Scorer  # benchmarks/, on sys.path above
+
+    ours = LLM(model=smollm2_dir, kv_cache_memory="64MiB", enable_prefix_caching=False)
+    dtype = ours.engine.config.torch_dtype
+    seqs = [ours.tokenizer.encode(p) for p in [*PROMPTS, PASSAGE]]
+    hf_same = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=dtype).eval()
+    scorer = Scorer(ours)
+    ref = torch.cat([hf_logits(hf_model, s) for s in seqs])
+    theirs = torch.cat([hf_logits(hf_same, s) for s in seqs])
+    mine = torch.cat([scorer.logits(s) for s in seqs])
+    assert ref.shape == mine.shape and ref.shape[0] >= 300
+    err_ours, err_hf = (mine - ref).abs().max().item(), (theirs - ref).abs().max().item()
+    top1_ours = (mine.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    top1_hf = (theirs.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    if dtype == torch.float32:
+        assert err_ours <= 1e-3 and top1_ours == 1.0, (err_ours, top1_ours)
+    else:
+        assert dtype == torch.bfloat16
+        assert err_ours <= 2 * err_hf + 0.05, (err_ours, err_hf)
+        assert top1_ours >= top1_hf - 0.03, (top1_ours, top1_hf)
+    print(f"{dtype}: max |logit - float32| Tandem {err_ours:.3f} HF {err_hf:.3f}; top-1 as "
+          f"float32 Tandem {top1_ours:.3f} HF {top1_hf:.3f} over {ref.shape[0]} positions")

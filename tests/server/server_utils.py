@@ -87,6 +87,13 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def model_dtype(server: Server) -> str:
+    """The dtype the server runs the model in, from its start-up line (`dtype=bfloat16`)."""
+    m = re.search(r"tandem listening on .* dtype=(\w+) ", server.log())
+    assert m, server.log()[-2000:]
+    return m.group(1)
+
+
 def metrics(url: str) -> dict[str, float]:
     r = httpx.get(f"{url}/metrics", timeout=30)
     assert r.status_code == 200, r.text

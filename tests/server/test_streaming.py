@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from server_utils import MODEL_NAME, metrics, wait_idle
+from server_utils import MODEL_NAME, metrics, model_dtype, wait_idle
 
 PROMPT = "The three primary colours are"
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -183,7 +183,8 @@ def test_openai_stream_closed_early_aborts(client, url):
 # --- many clients at once
 
 
-def test_32_concurrent_streams(client, url):
+@pytest.mark.dtype_sensitive
+def test_32_concurrent_streams(server, client, url):
     prompts = ["The capital of France is", "Water is made of", "My favourite food is",
                "In the morning I"]
     expected = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=16,
@@ -211,7 +212,23 @@ def test_32_concurrent_streams(client, url):
             await aclient.close()
 
     results = asyncio.run(run())
-    for i, text in enumerate(results):
-        want = chat_expected if i % 8 == 7 else expected[i % 4]
-        assert text == want, (i, text, want)
+    wants = [chat_expected if i % 8 == 7 else expected[i % 4] for i in range(32)]
+    if model_dtype(server) == "float32":  # float32 tokens do not depend on the batch
+        assert results == wants
+    else:
+        _assert_close_in_bfloat16(results, wants)
     wait_idle(url, timeout=10)
+
+
+def _assert_close_in_bfloat16(results: list[str], wants: list[str]) -> None:
+    """In bfloat16 a batch of 32 rounds through other GEMM kernels than a lone request, and
+    greedy decoding follows a flipped near-tie into other text. What still holds: no stream
+    carries another prompt's text, and most of the text agrees (over 32 streams)."""
+    def shared(a: str, b: str) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    for i, (text, want) in enumerate(zip(results, wants)):
+        others = max(shared(text, w) for w in set(wants) - {want})
+        assert shared(text, want) >= others and shared(text, want) > 0, (i, text, want)
+    agreement = sum(map(shared, results, wants)) / sum(map(len, wants))
+    assert agreement >= 0.5, (agreement, results, wants)
