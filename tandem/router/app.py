@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
@@ -17,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from tandem.router.proxy import Proxy, Reply, error_body, error_reply
+from tandem.router.proxy import Proxy, Reply, error_body, error_reply, parse_body
 from tandem.router.replicas import ReplicaSet
 from tandem.router.upstream import Pool
 
@@ -148,13 +147,17 @@ def build_router_app(state: RouterState):
         if raw is None:
             return await send_reply(send, receive, error_reply(
                 413, f"request body is over {state.max_request_bytes} bytes"))
+        try:  # before admission: a body no replica could read takes no slot and goes nowhere
+            body = parse_body(raw)
+        except ValueError as e:
+            return await send_reply(send, receive, error_reply(400, str(e)))
         refused = await admit()
         if refused is not None:
             return await send_reply(send, receive, refused)
         state.inflight += 1
         try:  # a stream holds its slot until it ends
             await send_reply(send, receive,
-                             await state.proxy.forward(scope["path"], raw, headers))
+                             await state.proxy.forward(scope["path"], raw, body, headers))
         finally:
             state.inflight -= 1
             state.slots.release()
@@ -163,9 +166,13 @@ def build_router_app(state: RouterState):
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        if state.draining or not state.replicas.available():
-            return _error(503, "no replica is ready")
-        return JSONResponse({"status": "ready"})
+        # The counts say how much capacity is left, e.g. after serve -dp gave up on a replica.
+        counts = {"replicas_up": len(state.replicas.available()),
+                  "replicas": len(state.replicas.replicas)}
+        if state.draining or not counts["replicas_up"]:
+            return JSONResponse({**error_body(503, "no replica is ready"), **counts},
+                                status_code=503)
+        return JSONResponse({"status": "ready", **counts})
 
     def describe(r) -> dict:
         return {"id": r.id, "url": r.url, "healthy": r.healthy, "draining": r.draining,
@@ -183,7 +190,7 @@ def build_router_app(state: RouterState):
             return JSONResponse({"workers": [describe(r)
                                              for r in state.replicas.replicas.values()]})
         try:
-            url = json.loads(await request.body())["url"]
+            url = parse_body(await request.body())["url"]
             return JSONResponse(describe(state.replicas.add(url)), status_code=201)
         except (ValueError, KeyError, TypeError) as e:
             return _error(400, f"url: give {{\"url\": \"http://host:port\"}} ({e})")

@@ -101,7 +101,9 @@ class Session:
 
 
 def _h(s: str) -> int:
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
+    # surrogatepass: a JSON body may carry a lone surrogate ("\ud800") in `user`
+    data = s.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 POLICIES = {"cache_aware": CacheAware, "least_load": LeastLoad, "power_of_two": PowerOfTwo,

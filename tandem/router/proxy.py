@@ -23,19 +23,41 @@ from tandem.router.upstream import ConnectFailed, Pool, UpstreamError, UpstreamT
 from tandem.router.upstream import Response as UpstreamResponse
 
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+# A request is charged at most this much output: no replica's context holds more, and a
+# client's max_tokens of 10**400 would overflow the float running mean of work.
+_MAX_CHARGED_OUTPUT = 1 << 20
 
 
 def routing_text(body: dict) -> str:
     """The text whose prefix the replica's cache would reuse: the prompt, or the messages."""
-    if "messages" in body and isinstance(body["messages"], list):
-        parts = []
-        for m in body["messages"]:
-            if isinstance(m, dict):
-                c = m.get("content")
-                parts.append(f"{m.get('role', '')}\n{c if isinstance(c, str) else json.dumps(c)}")
-        return "\n".join(parts)
-    p = body.get("prompt")
-    return p if isinstance(p, str) else json.dumps(p) if p is not None else ""
+    try:
+        if "messages" in body and isinstance(body["messages"], list):
+            parts = []
+            for m in body["messages"]:
+                if isinstance(m, dict):
+                    c = m.get("content")
+                    parts.append(f"{m.get('role', '')}\n"
+                                 f"{c if isinstance(c, str) else json.dumps(c)}")
+            return "\n".join(parts)
+        p = body.get("prompt")
+        return p if isinstance(p, str) else json.dumps(p) if p is not None else ""
+    except RecursionError:
+        # A value parsed just under json's depth limit is too deep to write out again a few
+        # calls further down. No replica takes such a body: it may go anywhere.
+        return ""
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object; ValueError, with the reason, when it is not one."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # json recurses once per level: ~1,000 levels exhaust the stack
+        raise ValueError("body: JSON nested too deeply") from None
+    except ValueError as e:  # invalid JSON or UTF-8, or an integer over 4,300 digits
+        raise ValueError(f"body: invalid JSON ({e})") from None
+    if isinstance(body, dict):
+        return body
+    raise ValueError("body: must be a JSON object")
 
 
 def error_body(status: int, message: str) -> dict:
@@ -99,7 +121,8 @@ class Proxy:
         out = body.get("max_completion_tokens") or body.get("max_tokens")
         # What it costs the replica: the prefill it still has to compute, and the output.
         prefill = req.prompt_tokens - hit
-        work = prefill + (out if isinstance(out, int) and out > 0 else 256)
+        work = prefill + (min(out, _MAX_CHARGED_OUTPUT) if isinstance(out, int) and out > 0
+                          else 256)
         self.replicas.avg_work += (work - self.replicas.avg_work) / 64  # running mean
         return chosen, keys, work, prefill
 
@@ -163,13 +186,9 @@ class Proxy:
                 await asyncio.sleep(self.backoff.delay(attempt))
         raise LookupError(last)
 
-    async def forward(self, path: str, raw: bytes, headers: dict[str, str]) -> Reply:
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {}
-        if not isinstance(body, dict):
-            body = {}
+    async def forward(self, path: str, raw: bytes, body: dict,
+                      headers: dict[str, str]) -> Reply:
+        """Send `raw` (its bytes unchanged; `body` is it parsed, to route by) to a replica."""
         session = headers.get("x-session-id") or (body.get("user") if isinstance(
             body.get("user"), str) else None)
         upstream_headers = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}

@@ -88,6 +88,19 @@ def test_a_full_router_answers_429_and_a_long_wait_503_with_retry_after():
         assert state.rejected_total == 2 and state.inflight == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/workers"])
+def test_a_body_nested_100000_deep_is_400_and_goes_nowhere(path):
+    # json's parser raised RecursionError, which is no ValueError: the router answered 500 in
+    # plain text and logged a traceback (issue 13). The table in test_router_fuzz.py has more.
+    deep = b'{"model": "m", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with router({"a": replica()}) as (c, state, fake):
+        r = c.post(path, content=deep)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert not any(p == path for _, p, _ in fake.requests)
+        assert state.slots is None  # made at the first admission: none happened
+
+
 def test_workers_can_be_listed_added_and_removed():
     with router({"a": replica(), "b": replica()}, members=("a",)) as (c, _, fake):
         ws = c.get("/workers").json()["workers"]

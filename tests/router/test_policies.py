@@ -73,6 +73,12 @@ def test_session_is_sticky_and_moves_little_when_a_replica_goes():
     assert Session().pick(replicas((3, 0), (0, 0)), req()).name == "r1"  # no key: least load
 
 
+def test_session_key_with_a_lone_surrogate_routes():
+    rs = replicas((0, 0), (0, 0))
+    name = Session().pick(rs, req(session="\ud800")).name
+    assert name == Session().pick(rs, req(session="\ud800")).name
+
+
 def test_make_policy():
     assert isinstance(make_policy("cache_aware"), CacheAware)
     with pytest.raises(ValueError, match="^policy: "):

@@ -44,7 +44,7 @@ def run(proxy: Proxy, coro_fn):
 
 def call(proxy, body: dict, path="/v1/completions", headers=None):
     async def go():
-        reply = await proxy.forward(path, json.dumps(body).encode(), headers or {})
+        reply = await proxy.forward(path, json.dumps(body).encode(), body, headers or {})
         if reply.chunks is not None:
             return reply.status, b"".join([c async for c in reply.chunks])
         return reply.status, reply.body
@@ -134,7 +134,8 @@ def test_request_id_is_forwarded_or_made():
     with make({"a": echo}) as (proxy, _, _):
         def go(headers):
             async def one():
-                reply = await proxy.forward("/v1/completions", b'{"prompt": "hi"}', headers)
+                reply = await proxy.forward("/v1/completions", b'{"prompt": "hi"}',
+                                            {"prompt": "hi"}, headers)
                 return reply.headers["x-request-id"]
             return run(proxy, one)
         assert go({"x-request-id": "abc"}) == "abc" and got[-1] == "abc"
@@ -196,8 +197,8 @@ def test_a_stream_releases_its_charge_as_it_progresses():
 
     with make({"a": tokens}) as (proxy, reps, _):
         async def go():
-            reply = await proxy.forward("/v1/completions", json.dumps(
-                {"prompt": "x" * 400, "max_tokens": 10, "stream": True}).encode(), {})
+            body = {"prompt": "x" * 400, "max_tokens": 10, "stream": True}
+            reply = await proxy.forward("/v1/completions", json.dumps(body).encode(), body, {})
             charged.append(reps["a"].load.inflight_tokens)
             async for _ in reply.chunks:
                 charged.append(reps["a"].load.inflight_tokens)
