@@ -1,13 +1,14 @@
 """`tandem serve --data-parallel-size N`: N engine replicas on free loopback ports, and the
 router in front of them on --host/--port. For a model that fits one device but traffic that
-does not. The replicas are this process's children and end with it."""
+does not. The replicas are this process's children: restarted when they die (supervisor.py),
+and stopped with it."""
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
 from tandem.procs import free_port, wait_until_ready
+from tandem.router.supervisor import Supervisor
 
 
 def replica_argv(argv: list[str], port: int) -> list[str]:
@@ -30,11 +31,11 @@ def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     from tandem.router.launch import route
 
     ports = [free_port() for _ in range(args.data_parallel_size)]
-    procs = [subprocess.Popen([sys.executable, "-m", "tandem.cli", *replica_argv(argv, p)])
-             for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    replicas = Supervisor([[sys.executable, "-m", "tandem.cli", *replica_argv(argv, p)]
+                           for p in ports], urls)
     try:
-        for url, proc in zip(urls, procs):  # they load in parallel: 600 s for each is plenty
+        for url, proc in zip(urls, replicas.procs):  # they load in parallel: 600 s each is plenty
             try:
                 if not wait_until_ready(url, proc, timeout=600):
                     print(f"error: replica {url} exited with {proc.returncode}", file=sys.stderr)
@@ -47,12 +48,6 @@ def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
             port=args.port, api_key=list(args.api_key), max_concurrent_requests=1024,
             max_queue=args.max_queue_len, queue_timeout=30.0, request_timeout=600.0,
             shutdown_timeout=args.shutdown_timeout)
-        return route(router_args)
+        return route(router_args, supervisor=replicas)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(args.shutdown_timeout + 10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        replicas.stop(args.shutdown_timeout + 10)

@@ -10,6 +10,7 @@ import uvicorn
 from tandem.draining import DrainingServer
 from tandem.router.app import build_router_app, make_state
 from tandem.router.policies import POLICIES
+from tandem.router.supervisor import Supervisor
 
 logger = logging.getLogger("tandem.router")
 
@@ -31,7 +32,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
 
 
-def route(args: argparse.Namespace) -> int:
+def route(args: argparse.Namespace, supervisor: Supervisor | None = None) -> int:
+    """Serve until SIGTERM and the drain; `supervisor` (serve -dp) restarts dead replicas
+    meanwhile, but not once the router drains."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = make_state(args.worker_urls, args.policy, args.tokenizer,
                        api_keys=list(args.api_key),
@@ -42,6 +45,8 @@ def route(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(build_router_app(state), host=args.host,
                                            port=args.port, log_level="warning"),
                             state, args.shutdown_timeout)
+    if supervisor is not None:
+        supervisor.watch(lambda: state.draining)
     # What was imported so far (the CLI pulls in torch) lives as long as the process: keep it
     # out of the collector's full passes, which otherwise stall every request in flight.
     gc.collect()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import uuid
 from dataclasses import dataclass, field
 
@@ -76,6 +77,16 @@ class Replica:
         return self.healthy and not self.draining and self.breaker.state != "open"
 
 
+def _held_open() -> CircuitBreaker:
+    """The breaker of a replica the probes found down. Requests alone never trip it when
+    nothing is sent there (an idle replica, or one the policy skips because it is down), so
+    /workers would show a dead replica's breaker closed. Open until the probes find the
+    replica up, which gives it a fresh breaker: its own timeout never runs out."""
+    breaker = CircuitBreaker(failure_threshold=1, open_seconds=sys.float_info.max)
+    breaker.record_failure()
+    return breaker
+
+
 class ReplicaSet:
     def __init__(self, index: PrefixIndex | None = None, probe: ProbeConfig | None = None):
         self.replicas: dict[str, Replica] = {}
@@ -129,6 +140,7 @@ class ReplicaSet:
             r.oks, r.fails = 0, r.fails + 1
             if r.healthy and r.fails >= p.unhealthy_after:
                 r.healthy = False
+                r.breaker = _held_open()
                 logger.warning("replica %s (%s) is down", r.id, r.url)
 
     async def _follow_kv(self, client: Pool, r: Replica) -> None:

@@ -1,36 +1,66 @@
-"""`tandem serve --data-parallel-size 2`: two replicas behind the router, one command."""
+"""`tandem serve --data-parallel-size 2`: two replicas behind the router, one command. One start
+(each model load costs 20-40 s here) covers serving, the supervisor bringing a SIGKILLed replica
+back on its port while the other one serves, and SIGTERM stopping every replica, the restarted
+one included."""
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import httpx
-from server_utils import MODEL_NAME, free_port, wait_until_ready
+import pytest
+from dp_utils import children_of, replica_url, serve_dp2, stop_dp
+from server_utils import MODEL_NAME, wait_until_ready
+
+pytestmark = pytest.mark.slow  # CI runs it; `make test SKIP_SLOW=1` skips it locally
 
 
-def test_dp2_serves_through_its_router_and_stops_its_replicas(smollm2_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", smollm2_dir,
-                             "--served-model-name", MODEL_NAME, "--kv-cache-memory", "96MiB",
-                             "-dp", "2", "--port", str(port), "--shutdown-timeout", "5"],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
+def complete(url: str) -> None:
+    r = httpx.post(f"{url}/v1/completions", timeout=60,
+                   json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+
+
+def test_dp2_serves_restarts_a_killed_replica_and_stops_them_all(smollm2_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    proc, url = serve_dp2(smollm2_dir, log)
+    children: set[int] = set()
     try:
         assert wait_until_ready(url, proc, timeout=180)
-        workers = httpx.get(f"{url}/workers").json()["workers"]
-        assert len(workers) == 2 and all(w["healthy"] for w in workers)
-        r = httpx.post(f"{url}/v1/completions", timeout=60,
-                       json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["choices"][0]["text"]
-        children = [int(c) for t in os.listdir(f"/proc/{proc.pid}/task")
-                    for c in Path(f"/proc/{proc.pid}/task/{t}/children").read_text().split()]
+        ready = httpx.get(f"{url}/ready").json()
+        assert ready == {"status": "ready", "replicas_up": 2, "replicas": 2}
+        complete(url)
+        children = children_of(proc.pid)
         assert len(children) == 2
+        victim = min(children)
+        victim_url = replica_url(victim)
+        os.kill(victim, signal.SIGKILL)
+
+        seen_down, deadline = False, time.monotonic() + 240
+        while True:  # until the replica is back: the router keeps serving through the other
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            ready = httpx.get(f"{url}/ready", timeout=5)
+            assert ready.status_code == 200, ready.text
+            workers = {w["url"]: w for w in httpx.get(f"{url}/workers").json()["workers"]}
+            if ready.json()["replicas_up"] == 1:
+                assert not workers[victim_url]["healthy"]
+                assert workers[victim_url]["breaker"] == "open"
+                assert not Path(f"/proc/{victim}").exists()  # reaped, not a zombie
+                seen_down = True
+            complete(url)
+            restarted = children_of(proc.pid) - children
+            if seen_down and restarted and all(w["healthy"] for w in workers.values()):
+                break
+            time.sleep(0.5)
+        assert workers[victim_url]["breaker"] == "closed"
+        assert "died: killed by SIGKILL; restarting in 1s" in log.read_text()
+        children |= restarted
+        complete(url)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        code = stop_dp(proc, children)
+    assert code == 0
     for c in children:  # gone (or a zombie until init reaps it)
         stat = Path(f"/proc/{c}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z"

@@ -1,40 +1,25 @@
-"""Chaos: 3 real replicas behind the router under steady load; one is SIGKILLed mid-run and
-restarted on the same port later. Every non-streaming request succeeds, every stream ends
-(completed, or with a clean error event), nothing hangs, and the router marks the replica
-down within 3 s of the kill and up within 3 s of its recovery."""
+"""Chaos: `serve -dp 2` and the session's shared server (added by POST /workers) are 3 real
+replicas behind the router, under steady load. One of serve -dp's replicas is SIGKILLed mid-run
+and its supervisor starts it again on the same port. Every non-streaming request succeeds,
+every stream ends (completed, or with a clean error event), nothing hangs, and the router marks
+the replica down within 3 s of the kill and up within 3 s of its recovery."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from server_utils import MODEL_NAME, free_port, start_server
+import pytest
+from dp_utils import children_of, replica_url, serve_dp2, stop_dp
+from server_utils import MODEL_NAME, wait_until_ready
+
+pytestmark = pytest.mark.slow  # CI runs it; `make test SKIP_SLOW=1` skips it locally
 
 TOTAL, CONCURRENCY = 150, 16
-
-
-def serve_on(model: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", model,
-                             "--port", str(port), "--served-model-name", MODEL_NAME,
-                             "--kv-cache-memory", "96MiB", "--shutdown-timeout", "5"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("replica did not start")
 
 
 def one(url: str, i: int) -> str:
@@ -59,74 +44,65 @@ def one(url: str, i: int) -> str:
     return "stream ok" if finished[-1] in ("stop", "length") else "stream unfinished"
 
 
-def test_router_survives_a_replica_dying_under_load(smollm2_dir, server):
-    victim_port, router_port = free_port(), free_port()
-    victim = serve_on(smollm2_dir, victim_port)
-    victim_url = f"http://127.0.0.1:{victim_port}"
-    with start_server(smollm2_dir) as b:
-        a = server  # the session's shared server: one model load less for the suite
-        router = subprocess.Popen([sys.executable, "-m", "tandem.cli", "route", "--port",
-                                   str(router_port), "--worker-urls", victim_url, a.url, b.url],
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        url = f"http://127.0.0.1:{router_port}"
-        marks: dict[str, float] = {}
-        stop = threading.Event()
+def test_router_survives_a_replica_dying_under_load(smollm2_dir, server, tmp_path):
+    log = tmp_path / "serve.log"
+    proc, url = serve_dp2(smollm2_dir, log)
+    marks: dict[str, float] = {}
+    stop = threading.Event()
+    victim_url = ""
 
-        def watch() -> None:  # when the router's view of the victim flips
-            last = True
-            while not stop.is_set():
-                try:
-                    ws = httpx.get(f"{url}/workers", timeout=2).json()["workers"]
-                    healthy = next(w["healthy"] for w in ws if w["url"] == victim_url)
-                    if healthy != last:
-                        marks["down" if not healthy else "up"] = time.monotonic()
-                        last = healthy
-                except (httpx.HTTPError, StopIteration, ValueError):
-                    pass
+    def watch() -> None:  # when the router's view of the victim flips, and when it is back
+        last = True
+        while not stop.is_set():
+            try:
+                ws = httpx.get(f"{url}/workers", timeout=2).json()["workers"]
+                healthy = next(w["healthy"] for w in ws if w["url"] == victim_url)
+                if healthy != last:
+                    marks["down" if not healthy else "up"] = time.monotonic()
+                    last = healthy
+                if ("killed" in marks and "recovered" not in marks and
+                        httpx.get(f"{victim_url}/ready", timeout=1).status_code == 200):
+                    marks["recovered"] = time.monotonic()
+            except (httpx.HTTPError, StopIteration, ValueError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    try:
+        assert wait_until_ready(url, proc, timeout=180)
+        # The shared server makes a third replica: one model load less for the suite.
+        assert httpx.post(f"{url}/workers", json={"url": server.url}).status_code == 201
+        victim = min(children_of(proc.pid))
+        victim_url = replica_url(victim)
+        watcher.start()
+        done = [0]
+
+        def run(i: int) -> str:
+            out = one(url, i)
+            done[0] += 1
+            return out
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            futures = [pool.submit(run, i) for i in range(TOTAL)]
+            while done[0] < TOTAL // 5:
                 time.sleep(0.05)
-
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            done = [0]
-
-            def run(i: int) -> str:
-                out = one(url, i)
-                done[0] += 1
-                return out
-
-            with ThreadPoolExecutor(CONCURRENCY) as pool:
-                futures = [pool.submit(run, i) for i in range(TOTAL)]
-                while done[0] < TOTAL // 5:
-                    time.sleep(0.05)
-                victim.send_signal(signal.SIGKILL)
-                victim.wait()
-                marks["killed"] = time.monotonic()
-                while done[0] < TOTAL // 2 or "down" not in marks:
-                    time.sleep(0.05)
-                victim = serve_on(smollm2_dir, victim_port)
-                marks["recovered"] = time.monotonic()
-                results = [f.result(timeout=120) for f in futures]
-            deadline = time.monotonic() + 5
-            while "up" not in marks and time.monotonic() < deadline:
-                time.sleep(0.05)
-        finally:
-            stop.set()
-            router.terminate()
-            router.wait(30)
-            victim.terminate()
-            victim.wait(30)
+            os.kill(victim, signal.SIGKILL)
+            marks["killed"] = time.monotonic()
+            results = [f.result(timeout=120) for f in futures]
+        deadline = time.monotonic() + 180  # the supervisor restarts it: a model load
+        while "up" not in marks and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        code = stop_dp(proc, set())
     counts = {k: results.count(k) for k in set(results)}
     print(f"\nchaos: {counts}; marked down {marks.get('down', 0) - marks['killed']:.2f}s after "
-          f"the kill, up {marks.get('up', 0) - marks['recovered']:.2f}s after recovery")
+          f"the kill, up {marks.get('up', 0) - marks.get('recovered', 0):.2f}s after recovery")
+    assert code == 0
+    assert "died: killed by SIGKILL" in log.read_text()
     assert counts.get("ok", 0) == TOTAL // 2, counts
     assert set(counts) <= {"ok", "stream ok", "stream error event"}, counts
     assert marks["down"] - marks["killed"] < 3
-    assert "up" in marks and marks["up"] - marks["recovered"] < 3
+    assert "recovered" in marks and "up" in marks and marks["up"] - marks["recovered"] < 3

@@ -14,6 +14,8 @@ import pytest
 from helpers import save_tiny_model
 from server_utils import start_server
 
+pytestmark = pytest.mark.slow  # CI runs it; `make test SKIP_SLOW=1` skips it locally
+
 
 def children(pid: int) -> list[int]:
     out = []
