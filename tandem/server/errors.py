@@ -38,6 +38,9 @@ def from_value_error(e: ValueError) -> APIError:
     return APIError(400, msg, m.group(1) if m else None, code)
 
 
+_UNION_TAG = re.compile(r"str|int|float|bool|.*\[.*\]")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, e: APIError):
@@ -57,9 +60,11 @@ def install_error_handlers(app: FastAPI) -> None:
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if err.get("type") == "json_invalid":
             return error_response(400, f"body: invalid JSON ({err.get('msg')})")
-        loc = [str(x) for x in err.get("loc", ())][1:]  # drop "body" / "query"
+        # drop "body" / "query", and the member tags pydantic adds inside a union ("stop.str")
+        loc = [str(x) for x in err.get("loc", ())[1:] if not _UNION_TAG.fullmatch(str(x))]
         param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {err.get('msg')}", param)
+        msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg")
+        return error_response(400, f"{param or 'body'}: {msg}", param)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException):

@@ -3,21 +3,57 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from tandem.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
-StrictInt = Annotated[int, Field(strict=True)]
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is ours, without pydantic's "Value error, " prefix."""
+    return PydanticCustomError("invalid_value", message)
 
 
-class StreamOptions(BaseModel):
+def _not_supported(value: object) -> None:
+    if value is not None:
+        raise PydanticCustomError("not_supported", "not supported by Tandem")
+
+
+def _only_with(field: str, flag: str):
+    """A validator for `field`: set only when the bool `flag`, declared before it, is true, as
+    OpenAI requires (an option of a feature that is off would be ignored)."""
+    def check(value: object, info: ValidationInfo) -> object:
+        if value is not None and not info.data.get(flag):
+            raise _invalid(f"only allowed when {flag} is true")
+        return value
+    return field_validator(field)(check)
+
+
+# An OpenAI field Tandem does not implement: accepting it would silently change what the client
+# asked for, so any value but null (what clients send for "not set") is a 400 naming it. Left out
+# of the OpenAPI schema, which lists only what Tandem does.
+Unsupported = SkipJsonSchema[Annotated[object, AfterValidator(_not_supported)]]
+
+
+class Body(BaseModel):
+    """A JSON object of the API, read as OpenAI reads it: exact JSON types ("5" is not 5, 5.0 is
+    not an int; an int is a float) and no field Tandem would accept and then ignore."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do for forward compatibility.
-    model_config = ConfigDict(extra="ignore")
-
+class SamplingFields(Body):
     model: str | None = None
     n: int = Field(default=1, le=128)
     temperature: float | None = None
@@ -40,6 +76,8 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     cache_salt: str | None = None
 
+    _stream_options_need_stream = _only_with("stream_options", "stream")
+
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bias = None
         if self.logit_bias:
@@ -60,22 +98,33 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    # Tandem returns every sequence it samples: best_of is accepted only where that is the same.
+    best_of: int | None = None
+    suffix: Unsupported = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo):
+        if value is not None and value != info.data.get("n", value):
+            raise _invalid("must equal n: Tandem does not rank samples to return the best")
+        return value
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: Unsupported = None
+    tool_calls: Unsupported = None
+    tool_call_id: Unsupported = None
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -92,17 +141,23 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    response_format: Unsupported = None
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+
+    _top_logprobs_need_logprobs = _only_with("top_logprobs", "logprobs")
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(Body):
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[int]
