@@ -14,7 +14,16 @@ from server_utils import RestartingServer, Server, start_server
 
 @pytest.fixture(scope="session")
 def server(smollm2_dir) -> Iterator[Server]:
-    """The plain server most tests share: default limits, no API key."""
+    """The plain server most tests share: default limits, no API key. float32, because tests
+    compare exact texts across batches, and bfloat16's GEMM kernels change with the row count."""
+    with start_server(smollm2_dir, "--dtype", "float32") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def auto_server(smollm2_dir) -> Iterator[Server]:
+    """A server on the default dtype: bfloat16 or float32 by the CPU (and TANDEM_CPU_BF16), for
+    the dtype_sensitive tests, which `make test` runs with both."""
     with start_server(smollm2_dir) as s:
         yield s
 

@@ -37,17 +37,19 @@ def test_kv_events_rejects_a_bad_since(http):
 
 
 @pytest.mark.dtype_sensitive
-def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_computes_it(server):
+def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_computes_it(auto_server):
     """The rule, not this machine's outcome: TANDEM_CPU_BF16 (inherited by the server) or the
     cpuinfo probe decides, and the KV cache follows the model dtype."""
     want = "bfloat16" if fast_bf16(torch.device("cpu")) else "float32"
-    assert model_dtype(server) == want
-    assert f'tandem:kv_cache_capacity_tokens{{kv_cache_dtype="{want}"}}' in metrics(server.url)
+    assert model_dtype(auto_server) == want
+    assert f'tandem:kv_cache_capacity_tokens{{kv_cache_dtype="{want}"}}' in metrics(
+        auto_server.url)
 
 
 @pytest.mark.dtype_sensitive
-def test_fp8_server_holds_more_tokens_by_its_bytes_per_token_and_serves(smollm2_dir, server):
-    base = metrics(server.url)
+def test_fp8_server_holds_more_tokens_by_its_bytes_per_token_and_serves(smollm2_dir,
+                                                                        auto_server):
+    base = metrics(auto_server.url)
     [(key, tokens)] = [(k, v) for k, v in base.items()
                        if k.startswith("tandem:kv_cache_capacity_tokens")]
     # `auto` is the model dtype, which depends on the CPU (config.fast_bf16): the expected gain

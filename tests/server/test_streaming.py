@@ -184,7 +184,9 @@ def test_openai_stream_closed_early_aborts(client, url):
 
 
 @pytest.mark.dtype_sensitive
-def test_32_concurrent_streams(server, client, url):
+def test_32_concurrent_streams(auto_server):
+    url = auto_server.url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
     prompts = ["The capital of France is", "Water is made of", "My favourite food is",
                "In the morning I"]
     expected = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=16,
@@ -213,7 +215,7 @@ def test_32_concurrent_streams(server, client, url):
 
     results = asyncio.run(run())
     wants = [chat_expected if i % 8 == 7 else expected[i % 4] for i in range(32)]
-    if model_dtype(server) == "float32":  # float32 tokens do not depend on the batch
+    if model_dtype(auto_server) == "float32":  # float32 tokens do not depend on the batch
         assert results == wants
     else:
         _assert_close_in_bfloat16(results, wants)
