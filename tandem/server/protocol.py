@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API (plus vLLM's sampling extras) and their SamplingParams."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -10,6 +10,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
@@ -47,6 +48,17 @@ class Body(BaseModel):
     """A JSON object of the API, read as OpenAI reads it: exact JSON types ("5" is not 5, 5.0 is
     not an int; an int is a float) and no field Tandem would accept and then ignore."""
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: object) -> object:
+        # OpenAI reads null as "not set" ("n": null is n = 1). Fields whose type gives null a
+        # meaning of its own (completions' max_tokens: the rest of the context) keep it.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or cls.model_fields[k].is_required()
+                or type(None) in get_args(cls.model_fields[k].annotation)}
 
 
 class StreamOptions(Body):

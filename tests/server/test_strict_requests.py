@@ -102,19 +102,22 @@ def test_rejected_with_400_naming_the_field(http, path, body, param, message):
 
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {**COMPLETION, "suffix": None, "best_of": None, "stop": None,
-                         "seed": None, "stream_options": None, "temperature": 1, "top_p": 1}),
+                         "seed": None, "stream_options": None, "temperature": 1, "top_p": 1,
+                         "n": None, "stream": None, "echo": None, "presence_penalty": None,
+                         "min_tokens": None, "ignore_eos": None}),
     ("/v1/completions", {**COMPLETION, "n": 2, "best_of": 2}),
     ("/v1/chat/completions", {**CHAT, "response_format": None, "tools": None,
                               "tool_choice": None, "functions": None, "function_call": None,
                               "parallel_tool_calls": None, "logprobs": False,
                               "top_logprobs": None, "temperature": 1, "presence_penalty": 0,
+                              "n": None, "stream": None, "add_generation_prompt": None,
                               "messages": _message(name=None, tool_calls=None,
                                                    tool_call_id=None)}),
 ], ids=["completions-nulls", "completions-best_of", "chat-nulls"])
 def test_null_means_not_set_and_ints_are_floats(http, path, body):
     r = http.post(path, json=body)
     assert r.status_code == 200, r.text
-    assert len(r.json()["choices"]) == body.get("n", 1)
+    assert len(r.json()["choices"]) == (body.get("n") or 1)
 
 
 def test_openai_client_requests_still_work(client):
