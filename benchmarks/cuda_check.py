@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--device", default="cuda")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="fp8_*: teacher-forced top-1 agreement with the model-dtype KV cache "
+                   help="fp8_*: teacher-forced KL from the model-dtype KV cache "
                         "(free-running agreement with HF is shown, not gated)")
     args = p.parse_args(argv)
     failures = check_greedy(args.model, args.dtype, args.device, args.kv_cache_dtype, args.new)
@@ -89,23 +89,28 @@ def check_greedy(model: str, dtype_name: str, device: str, kv_cache_dtype: str =
 def _fp8_teacher_forced(args, prompts: list[list[int]], ref: list[list[int]]) -> bool:
     """fp8 rounds K/V, and greedy decoding amplifies one flipped rounding into a different
     continuation, so free-running tokens say little (a step's row count picks the GEMM kernel,
-    which can move K/V by an ulp before the cast). What holds: fed HF's greedy tokens, the fp8
-    cache picks the same next token as the model-dtype cache at >= 95% of the positions
-    (issue 4's bound on SmolLM2), every prefill chunked so that later chunks read K/V back."""
-    agree = total = 0
+    which can move K/V by an ulp before the cast). Top-1 agreement says little on random
+    weights either: their next-token distributions are near-flat (median top-2 gap 0.19 on the
+    SmolLM2-shape random model), so fp8 flips half the argmaxes there, while on SmolLM2 it
+    keeps 99%. What holds on both: fed HF's greedy tokens, with every prefill chunked so later
+    chunks read K/V back, the mean KL(model-dtype cache || fp8 cache) of the next-token
+    distributions is at most 0.1 nats (SmolLM2: < 0.02, tests/engine/test_kv_accuracy.py;
+    random SmolLM2 shape on the CPU: 0.045; broken scales give several nats)."""
+    kl = agree = total = 0.0
     scorers = [Scorer(LLM(model=args.model, dtype=args.dtype, device=args.device,
                           kv_cache_memory="4GiB", kv_cache_dtype=kv, max_num_batched_tokens=24))
                for kv in ("auto", args.kv_cache_dtype)]
     for ids, new in zip(prompts, ref):
-        auto, fp8 = (s.logits(ids + new[:-1])[len(ids) - 1:].argmax(-1).cpu() for s in scorers)
-        agree += (auto == fp8).sum().item()
+        auto, fp8 = (s.logprobs(ids + new[:-1])[len(ids) - 1:].cpu() for s in scorers)
+        kl += (auto.exp() * (auto - fp8)).sum().item()
+        agree += (auto.argmax(-1) == fp8.argmax(-1)).sum().item()
         total += len(new)
-    rate = agree / total
-    print(f"{args.kv_cache_dtype} vs model-dtype KV, teacher-forced on HF's tokens: top-1 agree "
-          f"{agree}/{total} ({100 * rate:.1f}%, bound 95%)")
+    print(f"{args.kv_cache_dtype} vs model-dtype KV, teacher-forced on HF's tokens over "
+          f"{total:.0f} positions: mean KL {kl / total:.4f} (bound 0.1), top-1 agree "
+          f"{100 * agree / total:.1f}%")
     del scorers
     free(torch.device(args.device))
-    return rate >= 0.95
+    return kl / total <= 0.1
 
 
 def free(dev: torch.device) -> None:

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, run end to end on the CPU with a tiny random model: what a CPU can
 show of the script a GPU session runs (the checks pass, the table prints)."""
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -19,3 +20,16 @@ def test_gpu_check_runs_on_cpu(smollm2_dir, capsys):
     table = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
     assert len(table) == 2, out
     assert out.rstrip().endswith("GPU CHECK PASSED")
+
+
+def test_cuda_check_fp8_gate_runs_on_cpu(smollm2_dir, tmp_path, capsys):
+    """The fp8 gate: teacher-forced KL from the model-dtype cache, on a tiny random model."""
+    import cuda_check
+    from random_model import write_random_model
+
+    model = write_random_model("tiny", str(tmp_path), smollm2_dir)
+    rc = cuda_check.main(["--model", model, "--device", "cpu", "--kv-cache-dtype", "fp8_e4m3",
+                          "--new", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "CUDA CHECK PASSED" in out, out
+    assert re.search(r"fp8_e4m3 vs model-dtype KV, .* over 64 positions: mean KL 0\.0", out), out
