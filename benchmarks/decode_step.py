@@ -3,6 +3,7 @@ the median of the last steps (all B decoding, prefill long done) is reported per
 No server, no client: the engine's own step, which BENCHMARKS.md's CPU decode numbers quote.
 
     .venv/bin/python benchmarks/decode_step.py --batches 1 16 64 --decode-weight-dtype float16
+    .venv/bin/python benchmarks/decode_step.py --quantization gguf --decode-weight-dtype auto
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import torch
 
 from tandem import LLM, SamplingParams
-from tandem.config import DECODE_WEIGHT_DTYPES
+from tandem.config import DECODE_WEIGHT_DTYPES, QUANTIZATIONS
 
 
 def step_ms(llm: LLM, batch: int, steps: int, tag: str) -> float:
@@ -34,13 +35,16 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--decode-weight-dtype", default="float16", choices=list(DECODE_WEIGHT_DTYPES))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     p.add_argument("--steps", type=int, default=10, help="decode steps in each median")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype)
-    print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, {args.threads} "
-          f"threads\n\n| batch | step ms | tok/s |\n|---:|---:|---:|")
+    llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype,
+              quantization=args.quantization)
+    print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, quantization "
+          f"{args.quantization}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
+          f"|---:|---:|---:|")
     for b in args.batches:
         ms = step_ms(llm, b, args.steps, f"b{b}")
         print(f"| {b} | {ms:.1f} | {b / ms * 1e3:.1f} |", flush=True)

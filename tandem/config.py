@@ -43,6 +43,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     decode_weight_dtype: str = "auto"
+    quantization: str = "none"
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -81,6 +82,9 @@ class EngineConfig:
         if self.decode_weight_dtype not in DECODE_WEIGHT_DTYPES:
             raise ValueError(f"decode_weight_dtype: must be one of "
                              f"{', '.join(DECODE_WEIGHT_DTYPES)}, got {self.decode_weight_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -115,6 +119,9 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 # "auto": the model's weights only. A 16-bit copy halves the bytes a one- or two-row step reads
 # (the CPU is memory-bound there) at the cost of 16-bit activations in those steps.
 DECODE_WEIGHT_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# gguf: a .gguf model's Q4_0/Q4_1 projections served as stored, through PyTorch's int4 kernel
+# (activations rounded to bfloat16 there); none: every weight dequantized to --dtype.
+QUANTIZATIONS = ("none", "gguf")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -173,6 +180,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=list(DECODE_WEIGHT_DTYPES),
                    help="float16/bfloat16: steps of at most 2 tokens read a 16-bit copy of the "
                         "weights (faster single-stream decode on CPU; more memory)")
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                   help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")

@@ -1,6 +1,8 @@
 """Owns the model and its KV tensors; turns a scheduled step into one forward pass and samples."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tandem.attention.backend import get_backend
@@ -32,7 +34,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
-        self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype)
+        self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype,
+                                config.quantization)
         decode_dtype = DECODE_WEIGHT_DTYPES[config.decode_weight_dtype]
         if decode_dtype is not None:
             add_decode_copies(self.model, decode_dtype)
@@ -57,6 +60,16 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scale is not None:
                 layer.k_scale, layer.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights as served: parameters, 4-bit kernels' packed tensors
+        and scales, and 16-bit decode copies."""
+        tensors = [*self.model.parameters()]
+        for m in self.model.modules():
+            tensors += [t for t in (*(getattr(m, "int4", None) or ())[:2],
+                                    getattr(m, "lowp", None)) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def bytes_per_block(self) -> int:

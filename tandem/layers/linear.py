@@ -72,7 +72,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None = No
 def add_decode_copies(model: nn.Module, dtype: torch.dtype) -> None:
     """Give every projection and the LM head a `lowp` copy of its weight in `dtype`."""
     for m in model.modules():
-        if isinstance(m, LinearBase) or hasattr(m, "lowp"):
+        if (isinstance(m, LinearBase) or hasattr(m, "lowp")) and hasattr(m, "weight"):
             m.lowp = m.weight.detach().to(dtype)
 
 
@@ -86,9 +86,44 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.lowp: torch.Tensor | None = None
+        self.int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def expect_int4(self, group_size: int) -> None:
+        """Load this rank's 4-bit codes and group scales and zeros instead of the weight (see
+        loader/gguf_quant.py); they are sharded by this layer's own weight_loader, whose row and
+        column offsets count codes bytes and groups as they count weights."""
+        out_features, in_features = self.weight.shape
+        if in_features % group_size:
+            raise ValueError(f"tensor_parallel_size: {in_features} input features per rank "
+                             f"split a group of {group_size} 4-bit weights across ranks")
+        del self.weight
+        for name, cols, dtype in (("qcodes", in_features // 2, torch.uint8),
+                                  ("qscale", in_features // group_size, torch.float32),
+                                  ("qzero", in_features // group_size, torch.float32)):
+            param = nn.Parameter(torch.empty(out_features, cols, dtype=dtype),
+                                 requires_grad=False)
+            param.weight_loader = self.weight_loader
+            self.register_parameter(name, param)
+
+    def pack_int4(self, group_size: int) -> None:
+        """The loaded codes, in the layout of PyTorch's int4 kernel."""
+        from tandem.loader.gguf_quant import unpack_nibbles
+        from tandem.quantization.int4 import pack_int4
+
+        packed = pack_int4(unpack_nibbles(self.qcodes.data), self.qscale.data,
+                           self.qzero.data, group_size)
+        self.int4 = (*packed, group_size)
+        del self.qcodes, self.qscale, self.qzero
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None:
+            from tandem.quantization.int4 import int4_matmul
+
+            return int4_matmul(x, *self.int4)
+        return matmul(x, self.weight, self.lowp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight, self.lowp)
+        y = self.project(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -164,5 +199,5 @@ class RowParallelLinear(LinearBase):
         copy_into(param, loaded, 0, tp_rank() * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(matmul(x, self.weight, self.lowp))
+        y = all_reduce(self.project(x))
         return y if self.bias is None else y + self.bias

@@ -32,3 +32,6 @@ def convert_gguf(src: str, dest: str) -> None:
         state.pop("lm_head.weight", None)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    from tandem.loader.gguf_quant import write_q4_sidecar
+
+    write_q4_sidecar(src, dest, model.config)  # the 4-bit weights as stored, for --quantization

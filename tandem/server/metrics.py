@@ -33,6 +33,9 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
     metric("kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds.",
            [(f'{{{label},kv_cache_dtype="{dtype_name(engine.runner.kv_dtype)}"}}',
              engine.kv_capacity_tokens)])
+    metric("model_weight_bytes", "gauge", "Bytes of the weights as served (rank 0).",
+           [(f'{{{label},quantization="{engine.config.quantization}"}}',
+             engine.runner.weight_bytes)])
     metric("prompt_tokens_total", "counter", "Prompt tokens processed.",
            [(f"{{{label}}}", stats.prompt_tokens_total)])
     metric("generation_tokens_total", "counter", "Tokens generated.",

@@ -1,0 +1,74 @@
+"""Accuracy of 4-bit weights served as stored against the float32 path on the same weights.
+
+SmolLM2's GGUF is Q4_1; `quantization="none"` serves it dequantized to float32, which is the
+exact reference for `quantization="gguf"` (same weights; the 4-bit kernel differs only by its
+bfloat16 activations, scales and outputs). Over --windows windows of --window-len tokens of
+Python's own documentation (no download), one prefill per window: perplexity of each, the
+4-bit path's change, mean KL(float32 || 4-bit) and teacher-forced top-1 agreement.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quant_accuracy.py [--windows 16 --window-len 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+
+import torch
+from kv_accuracy import Scorer, corpus_ids
+
+from tandem import LLM
+
+
+def evaluate(model: str, windows: int, window_len: int) -> dict:
+    common = {"model": model, "dtype": "float32", "enable_prefix_caching": False,
+              "kv_cache_memory": "256MiB", "max_num_batched_tokens": max(2048, window_len + 1)}
+    dense, q4 = LLM(**common), LLM(**common, quantization="gguf")
+    scorers = Scorer(dense), Scorer(q4)
+    ids = corpus_ids(dense.tokenizer, windows * window_len)
+    nll, kl, agree, count = [0.0, 0.0], 0.0, 0, 0
+    for i in range(windows):
+        window = ids[i * window_len:(i + 1) * window_len]
+        target = torch.tensor(window[1:])[:, None]
+        ref, ours = (s.logprobs(window)[:-1] for s in scorers)
+        for j, lp in enumerate((ref, ours)):
+            nll[j] -= lp.gather(1, target).sum().item()
+        kl += (ref.exp() * (ref - ours)).sum().item()
+        agree += (ref.argmax(-1) == ours.argmax(-1)).sum().item()
+        count += len(target)
+    ppl = [math.exp(n / count) for n in nll]
+    return {"positions": count, "perplexity_float32": ppl[0], "perplexity_4bit": ppl[1],
+            "ppl_increase": ppl[1] / ppl[0] - 1, "mean_kl": kl / count,
+            "top1_agreement": agree / count,
+            "weight_bytes": {"float32": dense.engine.runner.weight_bytes,
+                             "4bit": q4.engine.runner.weight_bytes}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--window-len", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    r = evaluate(args.model, args.windows, args.window_len)
+    print(f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+          f"{r['positions']} positions; {time.time() - start:.0f} s\n")
+    print("| path | weight MB | perplexity | vs float32 | mean KL | top-1 agreement |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| float32 (dequantized) | {r['weight_bytes']['float32'] / 1e6:.0f} | "
+          f"{r['perplexity_float32']:.4f} | | | |")
+    print(f"| 4-bit as stored | {r['weight_bytes']['4bit'] / 1e6:.0f} | "
+          f"{r['perplexity_4bit']:.4f} | {100 * r['ppl_increase']:+.2f}% | {r['mean_kl']:.5f} | "
+          f"{100 * r['top1_agreement']:.2f}% |")
+    ok = r["ppl_increase"] <= 0.005 and r["top1_agreement"] >= 0.98
+    print(f"\ntargets (perplexity within +0.5%, top-1 >= 98%): {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
