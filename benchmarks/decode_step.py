@@ -30,24 +30,41 @@ def step_ms(llm: LLM, batch: int, steps: int, tag: str) -> float:
     return statistics.median(times[-steps:]) * 1e3
 
 
+def prefill_tok_s(llm: LLM, prompts: int = 8, length: int = 512, rounds: int = 3) -> float:
+    """Prompt tokens a second, prefilling `prompts` distinct prompts (max_tokens 1)."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for r in range(rounds):
+        batch = [{"prompt_token_ids": [(7 * j + 13 * i + r) % 40000 + 100 for j in range(length)]}
+                 for i in range(prompts)]
+        t0 = time.perf_counter()
+        llm.generate(batch, params)
+        times.append(time.perf_counter() - t0)
+    return prompts * length / statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--decode-weight-dtype", default="float16", choices=list(DECODE_WEIGHT_DTYPES))
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    p.add_argument("--dense-weight-copy", action="store_true")
+    p.add_argument("--prefill", action="store_true", help="also time a prefill of 8 x 512 tokens")
     p.add_argument("--steps", type=int, default=10, help="decode steps in each median")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype,
-              quantization=args.quantization)
+              quantization=args.quantization, dense_weight_copy=args.dense_weight_copy)
     print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, quantization "
-          f"{args.quantization}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
+          f"{args.quantization}, dense copy {args.dense_weight_copy}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
           f"|---:|---:|---:|")
     for b in args.batches:
         ms = step_ms(llm, b, args.steps, f"b{b}")
         print(f"| {b} | {ms:.1f} | {b / ms * 1e3:.1f} |", flush=True)
+    if args.prefill:
+        print(f"\nprefill of 8 x 512-token prompts: {prefill_tok_s(llm):.0f} tok/s")
 
 
 if __name__ == "__main__":

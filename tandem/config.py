@@ -44,6 +44,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     decode_weight_dtype: str = "auto"
     quantization: str = "none"
+    dense_weight_copy: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -85,6 +86,8 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, "
                              f"got {self.quantization!r}")
+        if self.dense_weight_copy and self.quantization == "none":
+            raise ValueError("dense_weight_copy: only for quantized weights (--quantization)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -182,6 +185,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "weights (faster single-stream decode on CPU; more memory)")
     p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
                    help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU)")
+    p.add_argument("--dense-weight-copy", action="store_true",
+                   help="quantized layers also keep a dense copy (bfloat16 where the CPU computes "
+                        "it, else float32) for steps of many rows, where it is faster; costs its "
+                        "memory (weight_bytes in the start-up line)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")

@@ -14,6 +14,7 @@ from tandem.config import (
     KV_CACHE_DTYPES,
     EngineConfig,
     default_kv_cache_memory,
+    fast_bf16,
 )
 from tandem.distributed.group import TPGroup
 from tandem.distributed.step import StepInputs
@@ -34,8 +35,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
+        dense = ((torch.bfloat16 if fast_bf16(self.device) else torch.float32)
+                 if config.dense_weight_copy else None)
         self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype,
-                                config.quantization)
+                                config.quantization, dense)
         decode_dtype = DECODE_WEIGHT_DTYPES[config.decode_weight_dtype]
         if decode_dtype is not None:
             add_decode_copies(self.model, decode_dtype)
@@ -68,7 +71,8 @@ class ModelRunner:
         tensors = [*self.model.parameters()]
         for m in self.model.modules():
             tensors += [t for t in (*(getattr(m, "int4", None) or ())[:2],
-                                    getattr(m, "lowp", None)) if t is not None]
+                                    getattr(m, "lowp", None), getattr(m, "dense", None))
+                        if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property

@@ -58,6 +58,12 @@ LOWP_MAX_ROWS = 2
 SKINNY_MAX_ROWS = 128
 
 
+# Rows from which a dense copy beats the 4-bit kernel, by benchmarks/cpu_matmul.py on AVX-512
+# (BENCHMARKS.md): bfloat16 from 32 rows; float32 (CPUs without fast bfloat16) only from ~128
+# rows where ATen's int4 kernel runs its AVX2 path, and not by 256 rows on AVX-512.
+DENSE_MIN_ROWS = {torch.bfloat16: 32, torch.float32: 128}
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None = None
            ) -> torch.Tensor:
     """x @ weight.T, by the fastest route for the number of rows."""
@@ -87,6 +93,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         self.lowp: torch.Tensor | None = None
         self.int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.dense: torch.Tensor | None = None  # a quantized layer's opt-in copy for many rows
 
     def expect_int4(self, group_size: int) -> None:
         """Load this rank's 4-bit codes and group scales and zeros instead of the weight (see
@@ -105,21 +112,30 @@ class LinearBase(nn.Module):
             param.weight_loader = self.weight_loader
             self.register_parameter(name, param)
 
-    def pack_int4(self, group_size: int) -> None:
-        """The loaded codes, in the layout of PyTorch's int4 kernel."""
+    def pack_int4(self, group_size: int, dense_dtype: torch.dtype | None = None) -> None:
+        """The loaded codes, in the layout of PyTorch's int4 kernel; with `dense_dtype`, also
+        the weight they stand for, for steps of DENSE_MIN_ROWS rows or more."""
         from tandem.loader.gguf_quant import unpack_nibbles
-        from tandem.quantization.int4 import pack_int4
+        from tandem.quantization.int4 import dequantize_int4, pack_int4
 
-        packed = pack_int4(unpack_nibbles(self.qcodes.data), self.qscale.data,
-                           self.qzero.data, group_size)
-        self.int4 = (*packed, group_size)
+        codes = unpack_nibbles(self.qcodes.data)
+        self.int4 = (*pack_int4(codes, self.qscale.data, self.qzero.data, group_size),
+                     group_size)
+        if dense_dtype is not None:
+            self.dense = dequantize_int4(codes, self.qscale.data, self.qzero.data,
+                                         group_size).to(dense_dtype)
         del self.qcodes, self.qscale, self.qzero
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None:
+        if self.int4 is not None and (self.dense is None
+                                      or x.shape[0] < DENSE_MIN_ROWS[self.dense.dtype]):
             from tandem.quantization.int4 import int4_matmul
 
             return int4_matmul(x, *self.int4)
+        if self.dense is not None:  # W @ x.T is a float32 route; 16-bit GEMMs want F.linear
+            y = (matmul(x, self.dense) if self.dense.dtype == torch.float32
+                 else F.linear(x.to(self.dense.dtype), self.dense))
+            return y.to(x.dtype)
         return matmul(x, self.weight, self.lowp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,9 @@ def _default_loader(param: nn.Parameter, loaded) -> None:
 
 
 def load_model(model_cls, config, folder: str, device: torch.device,
-               dtype: torch.dtype, quantization: str = "none") -> nn.Module:
+               dtype: torch.dtype, quantization: str = "none",
+               dense_dtype: torch.dtype | None = None) -> nn.Module:
+    """`dense_dtype`: quantized layers also keep a dense copy in it, for steps of many rows."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -73,7 +75,7 @@ def load_model(model_cls, config, folder: str, device: torch.device,
     load_weights(model, folder, quantized)
     for m in model.modules():
         if hasattr(m, "qcodes"):
-            m.pack_int4(GROUP)
+            m.pack_int4(GROUP, dense_dtype)
     return model.eval()
 
 

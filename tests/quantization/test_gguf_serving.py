@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tandem import LLM
+from tandem import LLM, SamplingParams
 from tandem.loader.gguf_quant import QUANT_FILE, unpack_nibbles
 from tandem.quantization.int4 import dequantize_int4
 
@@ -92,3 +92,34 @@ def test_unsupported_gguf_types_are_named(tiny_gguf, tmp_cache):
 def test_bad_quantization_names_the_field():
     with pytest.raises(ValueError, match="quantization"):
         LLM(model="smollm2", quantization="int3")
+
+
+def test_dense_copy_takes_the_steps_of_many_rows(smollm2_dir, pair):
+    """--dense-weight-copy: below DENSE_MIN_ROWS the 4-bit kernel runs, from there the dense
+    copy (here float32: the exact dequantized weight), and its bytes are counted."""
+    from tandem.layers.linear import DENSE_MIN_ROWS
+
+    dense, q4 = pair
+    both = LLM(model=smollm2_dir, dtype="float32", kv_cache_memory="64MiB",
+               quantization="gguf", dense_weight_copy=True)
+    layer = both.engine.runner.model.model.layers[3].mlp.down_proj
+    plain = q4.engine.runner.model.model.layers[3].mlp.down_proj
+    exact = dense.engine.runner.model.model.layers[3].mlp.down_proj.weight
+    copy = layer.dense
+    assert copy is not None and copy.shape == exact.shape
+    rows = DENSE_MIN_ROWS[copy.dtype]
+    x = torch.randn(rows, exact.shape[1])
+    torch.testing.assert_close(layer(x[:rows - 1]), plain(x[:rows - 1]), rtol=0, atol=0)
+    want = (x.to(copy.dtype) @ exact.to(copy.dtype).T).float()
+    torch.testing.assert_close(layer(x).float(), want, rtol=1e-2, atol=1e-2)
+    extra = both.engine.runner.weight_bytes - q4.engine.runner.weight_bytes
+    assert extra == sum(m.dense.numel() * m.dense.element_size()
+                        for m in both.engine.runner.model.modules()
+                        if getattr(m, "dense", None) is not None)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    assert both.generate(["The capital of France is"], params)[0].outputs[0].text
+
+
+def test_dense_copy_needs_quantized_weights():
+    with pytest.raises(ValueError, match="dense_weight_copy"):
+        LLM(model="smollm2", dense_weight_copy=True)
