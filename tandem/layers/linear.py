@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, tp_rank, tp_size
+from tandem.quantization.int4 import dequantize_int4, int4_matmul, pack_int4
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -116,7 +117,6 @@ class LinearBase(nn.Module):
         """The loaded codes, in the layout of PyTorch's int4 kernel; with `dense_dtype`, also
         the weight they stand for, for steps of DENSE_MIN_ROWS rows or more."""
         from tandem.loader.gguf_quant import unpack_nibbles
-        from tandem.quantization.int4 import dequantize_int4, pack_int4
 
         codes = unpack_nibbles(self.qcodes.data)
         self.int4 = (*pack_int4(codes, self.qscale.data, self.qzero.data, group_size),
@@ -129,8 +129,6 @@ class LinearBase(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and (self.dense is None
                                       or x.shape[0] < DENSE_MIN_ROWS[self.dense.dtype]):
-            from tandem.quantization.int4 import int4_matmul
-
             return int4_matmul(x, *self.int4)
         if self.dense is not None:  # W @ x.T is a float32 route; 16-bit GEMMs want F.linear
             y = (matmul(x, self.dense) if self.dense.dtype == torch.float32

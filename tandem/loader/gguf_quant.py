@@ -9,9 +9,10 @@ import os
 
 import torch
 
+from tandem.quantization.gguf_q4 import BLOCK as GROUP  # a Q4_0/Q4_1 block is one group
+from tandem.quantization.gguf_q4 import SUPPORTED, q4_codes
+
 QUANT_FILE = "quant-gguf.safetensors"
-GROUP = 32  # Q4_0 and Q4_1 blocks
-SUFFIXES = ("qcodes", "qscale", "qzero")
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -35,13 +36,11 @@ def hf_row_order(name: str, rows: int, config) -> torch.Tensor | None:
     return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def write_q4_sidecar(src: str, dest: str, config) -> int:
-    """Write QUANT_FILE for the Q4_0/Q4_1 projections of `src`; how many there were. Tensors of
-    other types are served from the float32 folder (the SmolLM2 file's Q8_0 embedding)."""
+def write_q4_sidecar(src: str, dest: str, config) -> None:
+    """Write QUANT_FILE for the Q4_0/Q4_1 projections of `src`. Tensors of other types are
+    served from the float32 folder (the SmolLM2 file's Q8_0 embedding)."""
     import gguf
     from safetensors.torch import save_file
-
-    from tandem.quantization.gguf_q4 import SUPPORTED, q4_codes
 
     reader = gguf.GGUFReader(src)
     field = reader.fields["general.architecture"]
@@ -71,7 +70,6 @@ def write_q4_sidecar(src: str, dest: str, config) -> int:
     if out or unsupported:  # the loader names what it cannot serve at 4 bits
         save_file(out, os.path.join(dest, QUANT_FILE),
                   metadata={"group_size": str(GROUP), "unsupported": ", ".join(unsupported)})
-    return len(out) // len(SUFFIXES)
 
 
 def check_supported(path: str) -> None:

@@ -33,21 +33,26 @@ def load_weights(model: nn.Module, folder: str, quantized: set[str] = frozenset(
                         or name in skip):
                     continue
                 tensor = f.get_slice(name)
-                for ckpt_key, (ours, shard_id) in packed.items():
-                    if f".{ckpt_key}." in name:
-                        target = name.replace(ckpt_key, ours)
-                        param = _param(params, target, name)
-                        param.weight_loader(param, tensor, shard_id)
-                        loaded.add((target, shard_id))
-                        break
-                else:
-                    param = _param(params, name, name)
+                target, shard_id = checkpoint_target(name, packed)
+                param = _param(params, target, name)
+                if shard_id is None:
                     getattr(param, "weight_loader", _default_loader)(param, tensor)
-                    loaded.add((name, None))
+                else:
+                    param.weight_loader(param, tensor, shard_id)
+                loaded.add((target, shard_id))
     done = {name for name, _ in loaded}
     missing = [n for n in params if n not in done]
     if missing:
         raise ValueError(f"model: checkpoint in {folder} lacks weights {missing[:5]}")
+
+
+def checkpoint_target(name: str, packed: dict) -> tuple[str, str | int | None]:
+    """Our parameter for a checkpoint tensor: q_proj's rows go to qkv_proj as shard "q", ...;
+    a tensor of no packed module keeps its name (shard None)."""
+    for ckpt_key, (ours, shard_id) in packed.items():
+        if f".{ckpt_key}." in name:
+            return name.replace(ckpt_key, ours), shard_id
+    return name, None
 
 
 def _param(params: dict[str, nn.Parameter], name: str, ckpt_name: str) -> nn.Parameter:
@@ -94,8 +99,7 @@ def expect_gguf_int4(model: nn.Module, folder: str, device: torch.device) -> set
     modules = dict(model.named_modules())
     parts: dict[str, set[str]] = {}  # our module -> its checkpoint prefixes held at 4 bits
     for prefix in prefixes:
-        ours = next((prefix.replace(k, v[0]) for k, v in packed.items() if f".{k}" in prefix),
-                    prefix)
+        ours = checkpoint_target(f"{prefix}.qcodes", packed)[0].rsplit(".", 1)[0]
         if not hasattr(modules.get(ours), "expect_int4"):
             raise ValueError(f"model: 4-bit weight {prefix!r} has no place in the model")
         parts.setdefault(ours, set()).add(prefix)
