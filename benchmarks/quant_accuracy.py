@@ -7,19 +7,24 @@ Python's own documentation (no download), one prefill per window: perplexity of 
 4-bit path's change, mean KL(float32 || 4-bit) and teacher-forced top-1 agreement.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quant_accuracy.py [--windows 16 --window-len 1024]
+
+--lm-head instead compares routes for the (tied, Q8_0 in the file) LM head alone: the 4-bit
+model's final hidden states at every position of 4 windows of 1024 tokens, through each route,
+against the float32 head.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 
 import torch
+from cpu_matmul import machine
 from kv_accuracy import Scorer, corpus_ids
 
 from tandem import LLM
+from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
 
 
 def evaluate(model: str, windows: int, window_len: int) -> dict:
@@ -46,18 +51,54 @@ def evaluate(model: str, windows: int, window_len: int) -> dict:
                              "4bit": q4.engine.runner.weight_bytes}}
 
 
+def lm_head_routes(model: str, windows: int, window_len: int) -> dict[str, tuple[float, float]]:
+    """Route -> (top-1 agreement, mean KL) against the float32 LM head."""
+    llm = LLM(model=model, dtype="float32", quantization="gguf", enable_prefix_caching=False,
+              kv_cache_memory="256MiB", max_num_batched_tokens=max(2048, window_len + 1))
+    scorer = Scorer(llm)
+    ids = corpus_ids(llm.tokenizer, windows * window_len)
+    hidden = []
+    for i in range(windows):
+        scorer.logits(ids[i * window_len:(i + 1) * window_len])
+        hidden.append(torch.cat(scorer.hidden)[:window_len])
+    h, w = torch.cat(hidden), llm.engine.runner.model.lm_head.weight.detach()
+    scale = w.abs().amax(1) / 127
+    w8 = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    routes = {
+        "float16 copy": lambda: h.half() @ w.half().T,
+        "int8 per channel (bfloat16 activations)": lambda: torch.ops.aten._weight_int8pack_mm(
+            h.bfloat16(), w8, scale.bfloat16()),
+        **{f"int4 group {g}, round-to-nearest": (lambda g=g: int4_matmul(
+            h, *pack_int4(*quantize_int4(w, g), g), g)) for g in (32, 64)},
+    }
+    ref = torch.log_softmax(h @ w.T, dim=-1)
+    out = {}
+    for name, route in routes.items():
+        lp = torch.log_softmax(route().float(), dim=-1)
+        out[name] = ((lp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                     (ref.exp() * (ref - lp)).sum(-1).mean().item())
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window-len", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lm-head", action="store_true", help="compare LM head routes instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
+    if args.lm_head:
+        rows = lm_head_routes(args.model, 4, 1024)
+        print(f"{machine()}; 4096 positions; {time.time() - start:.0f} s\n")
+        print("| LM head route | top-1 agreement | mean KL |\n|---|---:|---:|")
+        for name, (top1, kl) in rows.items():
+            print(f"| {name} | {100 * top1:.2f}% | {kl:.5f} |")
+        return 0
     r = evaluate(args.model, args.windows, args.window_len)
-    print(f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"{r['positions']} positions; {time.time() - start:.0f} s\n")
+    print(f"{machine()}; {r['positions']} positions; {time.time() - start:.0f} s\n")
     print("| path | weight MB | perplexity | vs float32 | mean KL | top-1 agreement |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| float32 (dequantized) | {r['weight_bytes']['float32'] / 1e6:.0f} | "
