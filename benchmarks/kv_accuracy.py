@@ -81,8 +81,10 @@ class Scorer:
 
 
 def make_llm(model: str, kv_dtype: str, dtype: str, device: str, max_len: int) -> LLM:
-    # Room for one window at a time, and one prefill per window (no chunking, no prefix hits).
+    # Room for one window at a time, and one prefill per window (no chunking, no prefix hits);
+    # dense weights, so the KV cache's error is measured alone.
     return LLM(model=model, dtype=dtype, device=device, kv_cache_dtype=kv_dtype,
+               quantization="none",
                enable_prefix_caching=False, kv_cache_memory="256MiB",
                max_num_batched_tokens=max(2048, max_len + 1))
 

@@ -24,13 +24,19 @@ from cpu_matmul import machine
 from kv_accuracy import Scorer, corpus_ids
 
 from tandem import LLM
+from tandem.loader.model_path import resolve_model
 from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
 
 
-def evaluate(model: str, windows: int, window_len: int) -> dict:
+def evaluate(model: str, windows: int, window_len: int, quantization: str = "gguf",
+             group_size: int = 32) -> dict:
     common = {"model": model, "dtype": "float32", "enable_prefix_caching": False,
               "kv_cache_memory": "256MiB", "max_num_batched_tokens": max(2048, window_len + 1)}
-    dense, q4 = LLM(**common), LLM(**common, quantization="gguf")
+    extra = {"quantization_group_size": group_size} if quantization == "int4" else {}
+    if quantization != "gguf":  # they quantize an HF folder: the GGUF's float32 conversion
+        model = resolve_model(model)
+    dense = LLM(**common, quantization="none")
+    q4 = LLM(**common, quantization=quantization, **extra)
     scorers = Scorer(dense), Scorer(q4)
     ids = corpus_ids(dense.tokenizer, windows * window_len)
     nll, kl, agree, count = [0.0, 0.0], 0.0, 0, 0
@@ -87,6 +93,10 @@ def main() -> int:
     p.add_argument("--window-len", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lm-head", action="store_true", help="compare LM head routes instead")
+    p.add_argument("--quantization", default="gguf", choices=("gguf", "int4", "int8"),
+                   help="int4/int8: quantize the float32 folder while loading (--model must be "
+                        "an HF folder, e.g. the converted SmolLM2 one)")
+    p.add_argument("--group-size", type=int, default=32, help="of int4")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -97,13 +107,15 @@ def main() -> int:
         for name, (top1, kl) in rows.items():
             print(f"| {name} | {100 * top1:.2f}% | {kl:.5f} |")
         return 0
-    r = evaluate(args.model, args.windows, args.window_len)
+    r = evaluate(args.model, args.windows, args.window_len, args.quantization, args.group_size)
     print(f"{machine()}; {r['positions']} positions; {time.time() - start:.0f} s\n")
     print("| path | weight MB | perplexity | vs float32 | mean KL | top-1 agreement |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| float32 (dequantized) | {r['weight_bytes']['float32'] / 1e6:.0f} | "
           f"{r['perplexity_float32']:.4f} | | | |")
-    print(f"| 4-bit as stored | {r['weight_bytes']['4bit'] / 1e6:.0f} | "
+    name = {"gguf": "4-bit as stored", "int4": f"int4 group {args.group_size}",
+            "int8": "int8 per channel"}[args.quantization]
+    print(f"| {name} | {r['weight_bytes']['4bit'] / 1e6:.0f} | "
           f"{r['perplexity_4bit']:.4f} | {100 * r['ppl_increase']:+.2f}% | {r['mean_kl']:.5f} | "
           f"{100 * r['top1_agreement']:.2f}% |")
     ok = r["ppl_increase"] <= 0.005 and r["top1_agreement"] >= 0.98

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
@@ -43,8 +45,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     decode_weight_dtype: str = "auto"
-    quantization: str = "none"
+    quantization: str = "auto"
+    quantization_group_size: int = 32
     dense_weight_copy: bool = False
+    enforce_eager: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -86,6 +90,13 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, "
                              f"got {self.quantization!r}")
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size: must be one of "
+                             f"{', '.join(map(str, INT4_GROUP_SIZES))}, "
+                             f"got {self.quantization_group_size!r}")
+        if self.quantization_group_size != 32 and self.quantization != "int4":
+            raise ValueError("quantization_group_size: only with quantization 'int4' (a GGUF's "
+                             "4-bit blocks are 32 wide)")
         if self.dense_weight_copy and self.quantization == "none":
             raise ValueError("dense_weight_copy: only for quantized weights (--quantization)")
         if self.dtype not in DTYPES:
@@ -123,8 +134,9 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 # (the CPU is memory-bound there) at the cost of 16-bit activations in those steps.
 DECODE_WEIGHT_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # gguf: a .gguf model's Q4_0/Q4_1 projections served as stored, through PyTorch's int4 kernel
-# (activations rounded to bfloat16 there); none: every weight dequantized to --dtype.
-QUANTIZATIONS = ("none", "gguf")
+# (activations rounded to bfloat16 there); int4/int8: an HF folder's projections quantized while
+# loading; none: every weight dequantized to --dtype; auto: gguf for a .gguf model, else none.
+QUANTIZATIONS = ("auto", "none", "gguf", "int4", "int8")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -184,11 +196,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="float16/bfloat16: steps of at most 2 tokens read a 16-bit copy of the "
                         "weights (faster single-stream decode on CPU; more memory)")
     p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
-                   help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU)")
+                   help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU; the "
+                        "default for a .gguf model); int4/int8: quantize an HF folder's "
+                        "projections while loading; none: dense weights in --dtype")
+    p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
+                   help="columns sharing one scale and zero with --quantization int4")
     p.add_argument("--dense-weight-copy", action="store_true",
                    help="quantized layers also keep a dense copy (bfloat16 where the CPU computes "
                         "it, else float32) for steps of many rows, where it is faster; costs its "
                         "memory (weight_bytes in the start-up line)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run the model eagerly: no torch.compile of the decode step")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")

@@ -1,6 +1,7 @@
 """LLMEngine: validate and add requests, then step(): schedule, run the model, emit outputs."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig
@@ -54,6 +55,8 @@ class LLMEngine:
             self.group.shutdown()
             raise
         self.group.start_keepalive()
+        # "auto" as resolved, for logs and /metrics
+        self.config = dataclasses.replace(config, quantization=self.runner.quantization)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,

@@ -23,7 +23,7 @@ from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.layers.linear import add_decode_copies
 from tandem.layers.sampler import Sampler, SampleResult
-from tandem.loader.weights import load_model
+from tandem.loader.weights import load_model, resolve_quantization
 from tandem.models.registry import model_class
 
 
@@ -35,10 +35,14 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         torch.manual_seed(config.seed)
+        self.quantization = resolve_quantization(config.model, folder, config.quantization,
+                                                 self.device)
+        if config.dense_weight_copy and self.quantization == "none":
+            raise ValueError("dense_weight_copy: only for quantized weights (--quantization)")
         dense = ((torch.bfloat16 if fast_bf16(self.device) else torch.float32)
                  if config.dense_weight_copy else None)
         self.model = load_model(model_class(hf_config), hf_config, folder, self.device, self.dtype,
-                                config.quantization, dense)
+                                self.quantization, dense, config.quantization_group_size)
         decode_dtype = DECODE_WEIGHT_DTYPES[config.decode_weight_dtype]
         if decode_dtype is not None:
             add_decode_copies(self.model, decode_dtype)
@@ -70,10 +74,12 @@ class ModelRunner:
         and scales, and 16-bit decode copies."""
         tensors = [*self.model.parameters()]
         for m in self.model.modules():
-            tensors += [t for t in (*(getattr(m, "int4", None) or ())[:2],
+            quant = getattr(m, "quant", None)
+            tensors += [t for t in (*(quant.tensors if quant else ()),
                                     getattr(m, "lowp", None), getattr(m, "dense", None))
                         if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        # a tied LM head shares the embedding's quantized table: count each tensor once
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
     @property
     def bytes_per_block(self) -> int:

@@ -7,6 +7,7 @@ from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from tandem.layers.linear import copy_into, divide, matmul
+from tandem.quantization.weight import Int8Weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -17,16 +18,34 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp_rank() * self.shard
         self.weight = nn.Parameter(torch.empty(self.shard, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.dtype = self.weight.dtype
+        self.quant: Int8Weight | None = None
+        self.quantize_to: tuple[str, int] | None = None
+
+    def expect_quantized(self, method: str, group_size: int) -> None:
+        """An int8 table whatever `method`: 4-bit groups cost the LM head too much accuracy
+        (teacher-forced top-1 86% against float32 at group 32, int8 per row 96.7%: BENCHMARKS.md),
+        and lookups read whole rows, which per-row scales keep exact to dequantize."""
+        self.quantize_to = ("int8", 0)
+
+    def finish_loading(self, dense_dtype: torch.dtype | None = None) -> None:
+        self.quant = Int8Weight.quantize(self.weight.data)
+        del self.weight
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.rows(ids, self.dtype)
+        return F.embedding(ids, self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         copy_into(param, loaded, self.start)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         local = ids - self.start
         mask = (local >= 0) & (local < self.shard)
-        y = F.embedding(local.clamp(0, self.shard - 1), self.weight) * mask.unsqueeze(-1)
+        y = self.lookup(local.clamp(0, self.shard - 1)) * mask.unsqueeze(-1)
         return all_reduce(y)
 
 
@@ -37,4 +56,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on rank 0 (None elsewhere)."""
-        return gather_to_first(matmul(hidden, self.weight, self.lowp), dim=-1)
+        logits = (self.quant(hidden) if self.quant is not None
+                  else matmul(hidden, self.weight, self.lowp))
+        return gather_to_first(logits, dim=-1)

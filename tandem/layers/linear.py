@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, tp_rank, tp_size
-from tandem.quantization.int4 import dequantize_int4, int4_matmul, pack_int4
+from tandem.quantization.int4 import dequantize_int4, quantize_int4
+from tandem.quantization.int8 import dequantize_int8
+from tandem.quantization.weight import Int4Weight, Int8Weight, QuantWeight
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -93,17 +95,29 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.lowp: torch.Tensor | None = None
-        self.int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.quant: QuantWeight | None = None
+        self.quantize_to: tuple[str, int] | None = None  # (method, group size) once loaded
+        self.group_size = 0  # of 4-bit weights
         self.dense: torch.Tensor | None = None  # a quantized layer's opt-in copy for many rows
+
+    def check_int4(self, group_size: int) -> None:
+        """Before anything loads: this rank's shard must fit the int4 kernel."""
+        out_features, in_features = self.weight.shape
+        if in_features % group_size:
+            raise ValueError(f"quantization_group_size: {in_features} input features per rank "
+                             f"would split a group of {group_size} 4-bit weights (a group "
+                             f"never straddles two tensor-parallel ranks)")
+        if out_features % 16:
+            raise ValueError(f"quantization: the int4 kernel needs output features per rank "
+                             f"divisible by 16, got {out_features}")
 
     def expect_int4(self, group_size: int) -> None:
         """Load this rank's 4-bit codes and group scales and zeros instead of the weight (see
         loader/gguf_quant.py); they are sharded by this layer's own weight_loader, whose row and
         column offsets count codes bytes and groups as they count weights."""
+        self.check_int4(group_size)
+        self.group_size = group_size
         out_features, in_features = self.weight.shape
-        if in_features % group_size:
-            raise ValueError(f"tensor_parallel_size: {in_features} input features per rank "
-                             f"split a group of {group_size} 4-bit weights across ranks")
         del self.weight
         for name, cols, dtype in (("qcodes", in_features // 2, torch.uint8),
                                   ("qscale", in_features // group_size, torch.float32),
@@ -113,23 +127,39 @@ class LinearBase(nn.Module):
             param.weight_loader = self.weight_loader
             self.register_parameter(name, param)
 
-    def pack_int4(self, group_size: int, dense_dtype: torch.dtype | None = None) -> None:
-        """The loaded codes, in the layout of PyTorch's int4 kernel; with `dense_dtype`, also
-        the weight they stand for, for steps of DENSE_MIN_ROWS rows or more."""
+    def expect_quantized(self, method: str, group_size: int) -> None:
+        """Quantize the weight (int4 or int8) as soon as this rank's shard of it has loaded."""
+        if method == "int4":
+            self.check_int4(group_size)
+        self.quantize_to, self.group_size = (method, group_size), group_size
+
+    def finish_loading(self, dense_dtype: torch.dtype | None = None) -> None:
+        """Turn the loaded codes (GGUF) or weight (int4/int8) into the kernel's layout; with
+        `dense_dtype`, also keep the weight they stand for, for steps of DENSE_MIN_ROWS rows
+        or more (dequantized, so a request's tokens do not depend on its batch)."""
         from tandem.loader.gguf_quant import unpack_nibbles
 
-        codes = unpack_nibbles(self.qcodes.data)
-        self.int4 = (*pack_int4(codes, self.qscale.data, self.qzero.data, group_size),
-                     group_size)
+        if hasattr(self, "qcodes"):
+            q4 = unpack_nibbles(self.qcodes.data), self.qscale.data, self.qzero.data
+            del self.qcodes, self.qscale, self.qzero
+        else:
+            method, group = self.quantize_to
+            w = self.weight.data
+            del self.weight
+            if method == "int8":
+                self.quant = Int8Weight.quantize(w)
+                if dense_dtype is not None:
+                    self.dense = dequantize_int8(self.quant.codes, self.quant.scale).to(dense_dtype)
+                return
+            q4 = quantize_int4(w, group)
+        self.quant = Int4Weight.from_codes(*q4, self.group_size)
         if dense_dtype is not None:
-            self.dense = dequantize_int4(codes, self.qscale.data, self.qzero.data,
-                                         group_size).to(dense_dtype)
-        del self.qcodes, self.qscale, self.qzero
+            self.dense = dequantize_int4(*q4, self.group_size).to(dense_dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and (self.dense is None
-                                      or x.shape[0] < DENSE_MIN_ROWS[self.dense.dtype]):
-            return int4_matmul(x, *self.int4)
+        if self.quant is not None and (self.dense is None
+                                       or x.shape[0] < DENSE_MIN_ROWS[self.dense.dtype]):
+            return self.quant(x)
         if self.dense is not None:  # W @ x.T is a float32 route; 16-bit GEMMs want F.linear
             y = (matmul(x, self.dense) if self.dense.dtype == torch.float32
                  else F.linear(x.to(self.dense.dtype), self.dense))

@@ -34,6 +34,11 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("TANDEM_CACHE") or "~/.cache/tandem").expanduser()
 
 
+def is_gguf_model(model: str) -> bool:
+    """Whether a `--model` argument names a GGUF file (the alias is one)."""
+    return model == SMOLLM2_ALIAS or model.endswith(".gguf")
+
+
 def resolve_model(model: str, cache_dir: str | None = None) -> str:
     """Return a local HF checkpoint folder for an alias, a .gguf file or a checkpoint folder."""
     path = smollm2_gguf() if model == SMOLLM2_ALIAS else os.path.abspath(os.path.expanduser(model))

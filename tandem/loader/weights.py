@@ -12,9 +12,12 @@ from tandem.layers.linear import copy_whole
 from tandem.loader.gguf_quant import GROUP, QUANT_FILE, check_supported
 
 
-def load_weights(model: nn.Module, folder: str, quantized: set[str] = frozenset()) -> None:
+def load_weights(model: nn.Module, folder: str, quantized: set[str] = frozenset(),
+                 dense_dtype: torch.dtype | None = None) -> None:
     """`quantized`: checkpoint prefixes (`model.layers.0.mlp.up_proj`) whose 4-bit codes are
-    loaded from QUANT_FILE in place of their float32 weights."""
+    loaded from QUANT_FILE in place of their float32 weights. A module waiting to quantize its
+    weight (`expect_quantized`) does so as soon as all of that weight's shards have loaded, so
+    at most one layer's float weights are resident besides the quantized ones."""
     files = sorted(f for f in glob.glob(os.path.join(folder, "*.safetensors"))
                    if os.path.basename(f) != QUANT_FILE)
     if not files:
@@ -25,6 +28,7 @@ def load_weights(model: nn.Module, folder: str, quantized: set[str] = frozenset(
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
     tied = model.config.tie_word_embeddings
+    waiting = _waiting_quantization(model, packed)
     loaded = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -40,10 +44,28 @@ def load_weights(model: nn.Module, folder: str, quantized: set[str] = frozenset(
                 else:
                     param.weight_loader(param, tensor, shard_id)
                 loaded.add((target, shard_id))
+                if target in waiting:
+                    module, shards = waiting[target]
+                    shards.discard(shard_id)
+                    if not shards:
+                        module.finish_loading(dense_dtype)
+                        del waiting[target]
     done = {name for name, _ in loaded}
     missing = [n for n in params if n not in done]
     if missing:
         raise ValueError(f"model: checkpoint in {folder} lacks weights {missing[:5]}")
+
+
+def _waiting_quantization(model: nn.Module, packed: dict
+                          ) -> dict[str, tuple[nn.Module, set]]:
+    """weight name -> (its module, the shard ids still to load) for modules to quantize."""
+    waiting = {}
+    for name, m in model.named_modules():
+        if getattr(m, "quantize_to", None) and "weight" in m._parameters:
+            ours = name.rsplit(".", 1)[-1]
+            shards = {sid for target, sid in packed.values() if target == ours} or {None}
+            waiting[f"{name}.weight"] = (m, shards)
+    return waiting
 
 
 def checkpoint_target(name: str, packed: dict) -> tuple[str, str | int | None]:
@@ -67,8 +89,9 @@ def _default_loader(param: nn.Parameter, loaded) -> None:
 
 def load_model(model_cls, config, folder: str, device: torch.device,
                dtype: torch.dtype, quantization: str = "none",
-               dense_dtype: torch.dtype | None = None) -> nn.Module:
-    """`dense_dtype`: quantized layers also keep a dense copy in it, for steps of many rows."""
+               dense_dtype: torch.dtype | None = None, group_size: int = 32) -> nn.Module:
+    """`quantization` as resolve_quantization gives it; `dense_dtype`: quantized layers also
+    keep a dense copy in it, for steps of many rows; `group_size`: of int4 (HF folders)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -76,12 +99,55 @@ def load_model(model_cls, config, folder: str, device: torch.device,
             model = model_cls(config)
     finally:
         torch.set_default_dtype(default)
-    quantized = expect_gguf_int4(model, folder, device) if quantization == "gguf" else set()
-    load_weights(model, folder, quantized)
+    quantized = set()
+    if quantization == "gguf":
+        quantized = expect_gguf_int4(model, folder, device)
+    elif quantization in ("int4", "int8"):
+        expect_quantized(model, quantization, group_size)
+    load_weights(model, folder, quantized, dense_dtype)
     for m in model.modules():
         if hasattr(m, "qcodes"):
-            m.pack_int4(GROUP, dense_dtype)
+            m.finish_loading(dense_dtype)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if config.tie_word_embeddings and head is not None and getattr(embed, "quant", None):
+        head.quant = embed.quant  # one int8 table for lookups and logits
+        del head.weight
     return model.eval()
+
+
+def expect_quantized(model: nn.Module, method: str, group_size: int) -> None:
+    """Every projection, the embedding and the LM head quantize as they load (int4/int8),
+    checked before anything is read, so a size that cannot work leaves nothing half-loaded."""
+    for m in model.modules():
+        if hasattr(m, "expect_quantized"):
+            m.expect_quantized(method, group_size)
+
+
+def resolve_quantization(model: str, folder: str, requested: str, device: torch.device) -> str:
+    """What `--quantization` means for this model: auto is gguf for a .gguf model whose
+    projections are all Q4_0/Q4_1 (served on the CPU), none otherwise."""
+    from tandem.loader.model_path import is_gguf_model
+
+    gguf_model = is_gguf_model(model)
+    if requested in ("int4", "int8"):
+        if gguf_model:
+            raise ValueError(f"quantization: {requested!r} quantizes an HF checkpoint folder; "
+                             f"{model!r} is a GGUF model, whose 4-bit weights 'gguf' serves as "
+                             f"stored (or 'none' dequantized)")
+        if device.type != "cpu":
+            raise ValueError(f"quantization: {requested!r} runs on the CPU only so far, "
+                             f"not {device.type}")
+    if requested != "auto":
+        return requested
+    path = os.path.join(folder, QUANT_FILE)
+    if not gguf_model or device.type != "cpu" or not os.path.isfile(path):
+        return "none"
+    try:
+        check_supported(path)
+    except ValueError:
+        return "none"  # other GGUF types: served dequantized unless 'gguf' is asked for
+    return "gguf"
 
 
 def expect_gguf_int4(model: nn.Module, folder: str, device: torch.device) -> set[str]:

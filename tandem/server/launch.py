@@ -85,7 +85,7 @@ def serve(args: argparse.Namespace) -> int:
                 "kv_capacity_tokens=%d kv_cache_dtype=%s quantization=%s weight_bytes=%d",
                 args.host, args.port, state.model_name, dtype_name(config.torch_dtype),
                 config.torch_device, e.kv_capacity_tokens, dtype_name(e.runner.kv_dtype),
-                config.quantization, e.runner.weight_bytes)
+                e.config.quantization, e.runner.weight_bytes)
     server = EngineServer(uvicorn.Config(app, host=args.host, port=args.port,
                                          log_level="warning", access_log=False,
                                          timeout_graceful_shutdown=5),

@@ -120,6 +120,8 @@ def test_dense_copy_takes_the_steps_of_many_rows(smollm2_dir, pair):
     assert both.generate(["The capital of France is"], params)[0].outputs[0].text
 
 
-def test_dense_copy_needs_quantized_weights():
+def test_dense_copy_needs_quantized_weights(smollm2_dir):
     with pytest.raises(ValueError, match="dense_weight_copy"):
-        LLM(model="smollm2", dense_weight_copy=True)
+        LLM(model="smollm2", quantization="none", dense_weight_copy=True)
+    with pytest.raises(ValueError, match="dense_weight_copy"):  # auto: a folder is served dense
+        LLM(model=smollm2_dir, dense_weight_copy=True)

@@ -1,0 +1,58 @@
+"""A projection's weight as served quantized: what to multiply with, and what it costs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
+from tandem.quantization.int8 import int8_matmul, quantize_int8
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   group_size: int) -> Int4Weight:
+        return cls(*pack_int4(codes, scale, zero, group_size), group_size)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int) -> Int4Weight:
+        return cls.from_codes(*quantize_int4(w, group_size), group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scales_and_zeros
+
+
+@dataclass
+class Int8Weight:
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N], for looking rows up
+    scale_bf16: torch.Tensor  # the kernel's copy
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8Weight:
+        codes, scale = quantize_int8(w)
+        return cls(codes, scale, scale.to(torch.bfloat16))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.codes, self.scale_bf16)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized: an embedding lookup from the int8 table."""
+        return (self.codes[ids].float() * self.scale[ids, None]).to(dtype)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scale, self.scale_bf16
+
+
+QuantWeight = Int4Weight | Int8Weight
