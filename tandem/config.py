@@ -158,13 +158,18 @@ def fast_bf16(device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
-def cpu_has_bf16() -> bool:
-    """What /proc/cpuinfo says: AMX or AVX-512 bfloat16 instructions."""
+def cpu_flags() -> set[str]:
+    """The first CPU's flags in /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return set()
+
+
+def cpu_has_bf16() -> bool:
+    """What /proc/cpuinfo says: AMX or AVX-512 bfloat16 instructions."""
+    flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 

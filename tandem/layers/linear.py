@@ -5,6 +5,8 @@ columns are read from disk.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,10 +63,28 @@ LOWP_MAX_ROWS = 2
 SKINNY_MAX_ROWS = 128
 
 
-# Rows from which a dense copy beats the 4-bit kernel, by benchmarks/cpu_matmul.py on AVX-512
-# (BENCHMARKS.md): bfloat16 from 32 rows; float32 (CPUs without fast bfloat16) only from ~128
-# rows where ATen's int4 kernel runs its AVX2 path, and not by 256 rows on AVX-512.
-DENSE_MIN_ROWS = {torch.bfloat16: 32, torch.float32: 128}
+# Rows from which a dense copy beats the quantized kernel, by the ISA that runs them
+# (benchmarks/cpu_matmul.py; BENCHMARKS.md, issue 14): ATen's int4 kernel has an AVX-512 and a
+# slower AVX2 path (ATEN_CPU_CAPABILITY picks it), and oneDNN's bfloat16 GEMM takes AMX where
+# the CPU has it. Without AVX2 the int4 kernel is a scalar loop: the dense copy always wins.
+DENSE_CROSSOVERS = {
+    "AMX": {torch.bfloat16: 16, torch.float32: 64},
+    "AVX512": {torch.bfloat16: 32, torch.float32: 256},
+    "AVX2": {torch.bfloat16: 16, torch.float32: 128},
+}
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """AMX, AVX512, AVX2 or DEFAULT: what ATen's CPU kernels run with here."""
+    from tandem.config import cpu_flags
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return "AMX" if isa == "AVX512" and "amx_bf16" in cpu_flags() else isa
+
+
+def dense_min_rows(dtype: torch.dtype) -> int:
+    return DENSE_CROSSOVERS.get(cpu_isa(), {}).get(dtype, 1)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None = None
@@ -99,6 +119,7 @@ class LinearBase(nn.Module):
         self.quantize_to: tuple[str, int] | None = None  # (method, group size) once loaded
         self.group_size = 0  # of 4-bit weights
         self.dense: torch.Tensor | None = None  # a quantized layer's opt-in copy for many rows
+        self.dense_min_rows = 0
 
     def check_int4(self, group_size: int) -> None:
         """Before anything loads: this rank's shard must fit the int4 kernel."""
@@ -135,7 +156,7 @@ class LinearBase(nn.Module):
 
     def finish_loading(self, dense_dtype: torch.dtype | None = None) -> None:
         """Turn the loaded codes (GGUF) or weight (int4/int8) into the kernel's layout; with
-        `dense_dtype`, also keep the weight they stand for, for steps of DENSE_MIN_ROWS rows
+        `dense_dtype`, also keep the weight they stand for, for steps of `dense_min_rows` rows
         or more (dequantized, so a request's tokens do not depend on its batch)."""
         from tandem.loader.gguf_quant import unpack_nibbles
 
@@ -150,15 +171,18 @@ class LinearBase(nn.Module):
                 self.quant = Int8Weight.quantize(w)
                 if dense_dtype is not None:
                     self.dense = dequantize_int8(self.quant.codes, self.quant.scale).to(dense_dtype)
+                    self.dense_min_rows = dense_min_rows(dense_dtype)
                 return
             q4 = quantize_int4(w, group)
         self.quant = Int4Weight.from_codes(*q4, self.group_size)
+        if dense_dtype is not None:
+            self.dense_min_rows = dense_min_rows(dense_dtype)
         if dense_dtype is not None:
             self.dense = dequantize_int4(*q4, self.group_size).to(dense_dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and (self.dense is None
-                                       or x.shape[0] < DENSE_MIN_ROWS[self.dense.dtype]):
+                                       or x.shape[0] < self.dense_min_rows):
             return self.quant(x)
         if self.dense is not None:  # W @ x.T is a float32 route; 16-bit GEMMs want F.linear
             y = (matmul(x, self.dense) if self.dense.dtype == torch.float32

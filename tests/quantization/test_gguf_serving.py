@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from tandem import LLM, SamplingParams
+from tandem.layers.linear import dense_min_rows
 from tandem.loader.gguf_quant import QUANT_FILE, unpack_nibbles
 from tandem.quantization.int4 import dequantize_int4
 
@@ -95,10 +96,8 @@ def test_bad_quantization_names_the_field():
 
 
 def test_dense_copy_takes_the_steps_of_many_rows(smollm2_dir, pair):
-    """--dense-weight-copy: below DENSE_MIN_ROWS the 4-bit kernel runs, from there the dense
+    """--dense-weight-copy: below dense_min_rows the 4-bit kernel runs, from there the dense
     copy (here float32: the exact dequantized weight), and its bytes are counted."""
-    from tandem.layers.linear import DENSE_MIN_ROWS
-
     dense, q4 = pair
     both = LLM(model=smollm2_dir, dtype="float32", kv_cache_memory="64MiB",
                quantization="gguf", dense_weight_copy=True)
@@ -107,7 +106,8 @@ def test_dense_copy_takes_the_steps_of_many_rows(smollm2_dir, pair):
     exact = dense.engine.runner.model.model.layers[3].mlp.down_proj.weight
     copy = layer.dense
     assert copy is not None and copy.shape == exact.shape
-    rows = DENSE_MIN_ROWS[copy.dtype]
+    rows = layer.dense_min_rows
+    assert rows == dense_min_rows(copy.dtype) > 1
     x = torch.randn(rows, exact.shape[1])
     torch.testing.assert_close(layer(x[:rows - 1]), plain(x[:rows - 1]), rtol=0, atol=0)
     want = (x.to(copy.dtype) @ exact.to(copy.dtype).T).float()

@@ -128,3 +128,18 @@ def test_auto_serves_a_gguf_model_at_4_bits_and_a_folder_dense(smollm2_dir, tiny
     assert llm.engine.runner.model.model.layers[0].mlp.down_proj.quant is not None
     # a GGUF of types not served at 4 bits (Q8_0 projections): dense, as before
     assert LLM(model=tiny_gguf, kv_cache_memory="16MiB").engine.config.quantization == "none"
+
+
+@pytest.mark.parametrize(("capability", "isa"), [("avx2", "AVX2"), ("default", "DEFAULT")])
+def test_dense_crossover_follows_the_isa_aten_runs(capability, isa):
+    """ATEN_CPU_CAPABILITY moves ATen's int4 kernel to another path; the crossover follows."""
+    import subprocess
+
+    code = ("import torch; from tandem.layers.linear import cpu_isa, dense_min_rows; "
+            "print(cpu_isa(), dense_min_rows(torch.bfloat16), dense_min_rows(torch.float32))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": capability}).stdout.split()
+    from tandem.layers.linear import DENSE_CROSSOVERS
+
+    want = DENSE_CROSSOVERS.get(isa, {})
+    assert out == [isa, str(want.get(torch.bfloat16, 1)), str(want.get(torch.float32, 1))]
