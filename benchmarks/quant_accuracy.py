@@ -30,11 +30,11 @@ from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
 
 def evaluate(model: str, windows: int, window_len: int, quantization: str = "gguf",
              group_size: int = 32) -> dict:
+    if quantization != "gguf":  # they quantize an HF folder: the GGUF's float32 conversion
+        model = resolve_model(model)
     common = {"model": model, "dtype": "float32", "enable_prefix_caching": False,
               "kv_cache_memory": "256MiB", "max_num_batched_tokens": max(2048, window_len + 1)}
     extra = {"quantization_group_size": group_size} if quantization == "int4" else {}
-    if quantization != "gguf":  # they quantize an HF folder: the GGUF's float32 conversion
-        model = resolve_model(model)
     dense = LLM(**common, quantization="none")
     q4 = LLM(**common, quantization=quantization, **extra)
     scorers = Scorer(dense), Scorer(q4)
