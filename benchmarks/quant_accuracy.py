@@ -26,6 +26,7 @@ from kv_accuracy import Scorer, corpus_ids
 from tandem import LLM
 from tandem.loader.model_path import resolve_model
 from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
+from tandem.quantization.q8_0 import dequantize_q8_0, q8_0_matmul
 
 
 def evaluate(model: str, windows: int, window_len: int, quantization: str = "gguf",
@@ -57,8 +58,9 @@ def evaluate(model: str, windows: int, window_len: int, quantization: str = "ggu
                              "4bit": q4.engine.runner.weight_bytes}}
 
 
-def lm_head_routes(model: str, windows: int, window_len: int) -> dict[str, tuple[float, float]]:
-    """Route -> (top-1 agreement, mean KL) against the float32 LM head."""
+def lm_head_routes(model: str, windows: int,
+                   window_len: int) -> dict[str, tuple[float, float, float]]:
+    """Route -> (top-1 agreement, mean KL, perplexity change) against the float32 LM head."""
     llm = LLM(model=model, dtype="float32", quantization="gguf", enable_prefix_caching=False,
               kv_cache_memory="256MiB", max_num_batched_tokens=max(2048, window_len + 1))
     scorer = Scorer(llm)
@@ -67,22 +69,35 @@ def lm_head_routes(model: str, windows: int, window_len: int) -> dict[str, tuple
     for i in range(windows):
         scorer.logits(ids[i * window_len:(i + 1) * window_len])
         hidden.append(torch.cat(scorer.hidden)[:window_len])
-    h, w = torch.cat(hidden), llm.engine.runner.model.lm_head.weight.detach()
+    from q8_head import head_codes  # the GGUF's own Q8_0 blocks: SmolLM2 only
+
+    # The float32 head is these blocks dequantized (tests/quantization/test_q8_0.py).
+    codes, q8_scale = head_codes()
+    h, w = torch.cat(hidden), dequantize_q8_0(codes, q8_scale)
     scale = w.abs().amax(1) / 127
     w8 = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     routes = {
+        "Q8_0 as stored, 8 rows a call (fused kernel)": lambda: torch.cat(
+            [q8_0_matmul(r, codes, q8_scale) for r in h.split(8)]),
+        "Q8_0 as stored, all rows at once (chunked)": lambda: q8_0_matmul(h, codes, q8_scale),
         "float16 copy": lambda: h.half() @ w.half().T,
+        "bfloat16 copy": lambda: h.bfloat16() @ w.bfloat16().T,
         "int8 per channel (bfloat16 activations)": lambda: torch.ops.aten._weight_int8pack_mm(
             h.bfloat16(), w8, scale.bfloat16()),
         **{f"int4 group {g}, round-to-nearest": (lambda g=g: int4_matmul(
             h, *pack_int4(*quantize_int4(w, g), g), g)) for g in (32, 64)},
     }
     ref = torch.log_softmax(h @ w.T, dim=-1)
+    # Each position's next token, but for the last of a window.
+    nxt = torch.tensor([ids[i + 1] if (i + 1) % window_len else -1 for i in range(len(h))])
+    scored = nxt >= 0
+    nll = -ref[scored].gather(1, nxt[scored, None]).mean().item()
     out = {}
     for name, route in routes.items():
         lp = torch.log_softmax(route().float(), dim=-1)
         out[name] = ((lp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-                     (ref.exp() * (ref - lp)).sum(-1).mean().item())
+                     (ref.exp() * (ref - lp)).sum(-1).mean().item(),
+                     math.exp(-lp[scored].gather(1, nxt[scored, None]).mean().item() - nll) - 1)
     return out
 
 
@@ -103,9 +118,10 @@ def main() -> int:
     if args.lm_head:
         rows = lm_head_routes(args.model, 4, 1024)
         print(f"{machine()}; 4096 positions; {time.time() - start:.0f} s\n")
-        print("| LM head route | top-1 agreement | mean KL |\n|---|---:|---:|")
-        for name, (top1, kl) in rows.items():
-            print(f"| {name} | {100 * top1:.2f}% | {kl:.5f} |")
+        print("| LM head route | top-1 agreement | mean KL | perplexity vs float32 |\n"
+              "|---|---:|---:|---:|")
+        for name, (top1, kl, ppl) in rows.items():
+            print(f"| {name} | {100 * top1:.2f}% | {kl:.5f} | {100 * ppl:+.3f}% |")
         return 0
     r = evaluate(args.model, args.windows, args.window_len, args.quantization, args.group_size)
     print(f"{machine()}; {r['positions']} positions; {time.time() - start:.0f} s\n")

@@ -7,7 +7,8 @@ from torch import nn
 
 from tandem.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from tandem.layers.linear import copy_into, divide, matmul
-from tandem.quantization.weight import Int8Weight
+from tandem.quantization.q8_0 import BLOCK as Q8_BLOCK
+from tandem.quantization.weight import Q8Weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -19,18 +20,32 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.dtype = self.weight.dtype
-        self.quant: Int8Weight | None = None
+        self.quant: Q8Weight | None = None
         self.quantize_to: tuple[str, int] | None = None
 
     def expect_quantized(self, method: str, group_size: int) -> None:
-        """An int8 table whatever `method`: 4-bit groups cost the LM head too much accuracy
-        (teacher-forced top-1 86% against float32 at group 32, int8 per row 96.7%: BENCHMARKS.md),
-        and lookups read whole rows, which per-row scales keep exact to dequantize."""
-        self.quantize_to = ("int8", 0)
+        """A Q8_0 table (int8, a scale per 32) whatever `method`: the LM head loses too much to
+        coarser ones (teacher-forced top-1 against float32: 4-bit groups of 32 86%, int8 with
+        one scale a row 96.7%; docs/quantization.md)."""
+        self.quantize_to = ("q8_0", Q8_BLOCK)
+
+    def expect_q8_0(self) -> None:
+        """Load this rank's rows of a GGUF's Q8_0 codes and scales instead of the weight."""
+        rows, cols = self.weight.shape
+        del self.weight
+        for name, width, dtype in (("q8codes", cols, torch.int8),
+                                   ("q8scale", cols // Q8_BLOCK, torch.float32)):
+            param = nn.Parameter(torch.empty(rows, width, dtype=dtype), requires_grad=False)
+            param.weight_loader = self.weight_loader
+            self.register_parameter(name, param)
 
     def finish_loading(self, dense_dtype: torch.dtype | None = None) -> None:
-        self.quant = Int8Weight.quantize(self.weight.data)
-        del self.weight
+        if hasattr(self, "q8codes"):
+            self.quant = Q8Weight(self.q8codes.data, self.q8scale.data)
+            del self.q8codes, self.q8scale
+        else:
+            self.quant = Q8Weight.quantize(self.weight.data)
+            del self.weight
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:

@@ -1,8 +1,9 @@
-"""A GGUF's 4-bit projections kept as stored: `quant-gguf.safetensors` beside the converted
-float32 folder holds, for every Q4_0/Q4_1 weight under its HF name, the 4-bit codes (two a byte:
-element 2j in the low nibble, 2j + 1 in the high one), and per group of 32 a scale and a zero
-(w = (code - 8) * scale + zero), read straight from the file's blocks, not requantized. Parameters'
-own weight loaders shard these like the weights they stand for."""
+"""A GGUF's quantized weights kept as stored: `quant-gguf.safetensors` beside the converted
+float32 folder holds, for every Q4_0/Q4_1 projection under its HF name, the 4-bit codes (two a
+byte: element 2j in the low nibble, 2j + 1 in the high one), and per group of 32 a scale and a
+zero (w = (code - 8) * scale + zero); for a Q8_0 embedding or LM head, its int8 codes and per-32
+scales (w = code * scale). All read straight from the file's blocks, not requantized.
+Parameters' own weight loaders shard these like the weights they stand for."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,11 @@ import torch
 
 from tandem.quantization.gguf_q4 import BLOCK as GROUP  # a Q4_0/Q4_1 block is one group
 from tandem.quantization.gguf_q4 import SUPPORTED, q4_codes
+from tandem.quantization.q8_0 import q8_0_codes
 
 QUANT_FILE = "quant-gguf.safetensors"
+# GGUF name -> HF prefix of the tensors kept at 8 bits when the file has them in Q8_0
+VOCAB_TENSORS = {"token_embd.weight": "model.embed_tokens", "output.weight": "lm_head"}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -37,8 +41,8 @@ def hf_row_order(name: str, rows: int, config) -> torch.Tensor | None:
 
 
 def write_q4_sidecar(src: str, dest: str, config) -> None:
-    """Write QUANT_FILE for the Q4_0/Q4_1 projections of `src`. Tensors of other types are
-    served from the float32 folder (the SmolLM2 file's Q8_0 embedding)."""
+    """Write QUANT_FILE for the Q4_0/Q4_1 projections and the Q8_0 embedding / LM head of
+    `src`. Tensors of other types are served from the float32 folder."""
     import gguf
     from safetensors.torch import save_file
 
@@ -54,6 +58,12 @@ def write_q4_sidecar(src: str, dest: str, config) -> None:
             to_hf[names.get_name(f"model.layers.{i}.{hf}") + ".weight"] = f"model.layers.{i}.{hf}"
     out, unsupported = {}, []
     for t in reader.tensors:
+        vocab = VOCAB_TENSORS.get(t.name)
+        if vocab and t.tensor_type.name == "Q8_0":
+            k, n = (int(d) for d in t.shape)
+            codes, scale = q8_0_codes(t.name, t.data, (n, k))
+            out |= {f"{vocab}.q8codes": codes.contiguous(), f"{vocab}.q8scale": scale.contiguous()}
+            continue
         if t.name not in to_hf or t.tensor_type.name in ("F32", "F16", "BF16"):
             continue
         if t.tensor_type.name not in SUPPORTED:

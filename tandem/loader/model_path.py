@@ -13,7 +13,7 @@ SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE_MARKER = ".tandem-complete"
 # Bump when convert_gguf writes a different folder, so caches made by an older one are redone.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 
 
 def smollm2_gguf() -> str:

@@ -101,18 +101,21 @@ def load_model(model_cls, config, folder: str, device: torch.device,
         torch.set_default_dtype(default)
     quantized = set()
     if quantization == "gguf":
-        quantized = expect_gguf_int4(model, folder, device)
+        quantized = expect_gguf_quantized(model, folder, device)
     elif quantization in ("int4", "int8"):
         expect_quantized(model, quantization, group_size)
-    load_weights(model, folder, quantized, dense_dtype)
-    for m in model.modules():
-        if hasattr(m, "qcodes"):
-            m.finish_loading(dense_dtype)
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if config.tie_word_embeddings and head is not None and getattr(embed, "quant", None):
-        head.quant = embed.quant  # one int8 table for lookups and logits
-        del head.weight
+    share = (config.tie_word_embeddings and head is not None
+             and (hasattr(embed, "q8codes") or getattr(embed, "quantize_to", None)))
+    if share:
+        del head.weight  # it will multiply by the embedding's quantized table
+    load_weights(model, folder, quantized, dense_dtype)
+    for m in model.modules():
+        if hasattr(m, "qcodes") or hasattr(m, "q8codes"):
+            m.finish_loading(dense_dtype)
+    if share:
+        head.quant = embed.quant
     return model.eval()
 
 
@@ -150,8 +153,9 @@ def resolve_quantization(model: str, folder: str, requested: str, device: torch.
     return "gguf"
 
 
-def expect_gguf_int4(model: nn.Module, folder: str, device: torch.device) -> set[str]:
-    """Switch every layer whose weights QUANT_FILE holds to 4-bit; their checkpoint prefixes."""
+def expect_gguf_quantized(model: nn.Module, folder: str, device: torch.device) -> set[str]:
+    """Switch every layer whose weights QUANT_FILE holds to 4 bits (the embedding and LM head to
+    Q8_0); their checkpoint prefixes."""
     path = os.path.join(folder, QUANT_FILE)
     if not os.path.isfile(path):
         raise ValueError("quantization: 'gguf' needs a .gguf model with Q4_0 or Q4_1 weights "
@@ -160,11 +164,17 @@ def expect_gguf_int4(model: nn.Module, folder: str, device: torch.device) -> set
         raise ValueError(f"quantization: 'gguf' runs on the CPU only so far, not {device.type}")
     check_supported(path)
     with safe_open(path, framework="pt", device="cpu") as f:
-        prefixes = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118
-    packed = getattr(model, "packed_modules", {})
+        keys = set(f.keys())
     modules = dict(model.named_modules())
+    q8 = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".q8codes")}
+    for prefix in q8:
+        if not hasattr(modules.get(prefix), "expect_q8_0"):
+            raise ValueError(f"model: 8-bit weight {prefix!r} has no place in the model")
+        modules[prefix].expect_q8_0()
+    q4 = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qcodes")}
+    packed = getattr(model, "packed_modules", {})
     parts: dict[str, set[str]] = {}  # our module -> its checkpoint prefixes held at 4 bits
-    for prefix in prefixes:
+    for prefix in q4:
         ours = checkpoint_target(f"{prefix}.qcodes", packed)[0].rsplit(".", 1)[0]
         if not hasattr(modules.get(ours), "expect_int4"):
             raise ValueError(f"model: 4-bit weight {prefix!r} has no place in the model")
@@ -176,4 +186,4 @@ def expect_gguf_int4(model: nn.Module, folder: str, device: torch.device) -> set
             raise ValueError(f"quantization: 'gguf' needs all of {sorted(want)} in Q4_0/Q4_1; "
                              f"the file has only {sorted(held)}")
         modules[ours].expect_int4(GROUP)
-    return prefixes
+    return q4 | q8

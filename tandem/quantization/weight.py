@@ -7,6 +7,7 @@ import torch
 
 from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
 from tandem.quantization.int8 import int8_matmul, quantize_int8
+from tandem.quantization.q8_0 import embedding_q8_0, q8_0_matmul, quantize_q8_0
 
 
 @dataclass
@@ -55,4 +56,27 @@ class Int8Weight:
         return self.codes, self.scale, self.scale_bf16
 
 
-QuantWeight = Int4Weight | Int8Weight
+@dataclass
+class Q8Weight:
+    """GGUF's Q8_0: int8 codes with one scale per 32 of a row. The embedding / LM head table:
+    exact for a Q8_0 file, and requantized with per-32 scales it keeps the LM head's top-1 where
+    one scale a row does not (docs/quantization.md)."""
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N, K // 32]
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Q8Weight:
+        return cls(*quantize_q8_0(w))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return q8_0_matmul(x, self.codes, self.scale)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return embedding_q8_0(ids, self.codes, self.scale, dtype)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scale
+
+
+QuantWeight = Int4Weight | Int8Weight | Q8Weight

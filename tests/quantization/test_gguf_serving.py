@@ -14,6 +14,7 @@ from tandem import LLM, SamplingParams
 from tandem.layers.linear import dense_min_rows
 from tandem.loader.gguf_quant import QUANT_FILE, unpack_nibbles
 from tandem.quantization.int4 import dequantize_int4
+from tandem.quantization.q8_0 import dequantize_q8_0
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
@@ -29,8 +30,12 @@ def test_stored_codes_are_the_float32_weights(smollm2_dir):
     converted folder dequantize to the float32 weights transformers read from the same file."""
     with safe_open(os.path.join(smollm2_dir, QUANT_FILE), "pt") as q, \
             safe_open(os.path.join(smollm2_dir, "model.safetensors"), "pt") as w:
-        prefixes = sorted({k.rsplit(".", 1)[0] for k in q.keys()})  # noqa: SIM118
+        prefixes = sorted({k.rsplit(".", 1)[0] for k in q.keys() if ".qcodes" in k})  # noqa: SIM118
         assert len(prefixes) == 30 * 7
+        # the tied embedding / LM head: Q8_0 in the file, its codes and per-32 scales as stored
+        emb = dequantize_q8_0(q.get_tensor("model.embed_tokens.q8codes"),
+                              q.get_tensor("model.embed_tokens.q8scale"))
+        torch.testing.assert_close(emb, w.get_tensor("model.embed_tokens.weight"), rtol=0, atol=0)
         for prefix in [p for p in prefixes if ".layers.7." in p]:
             codes = unpack_nibbles(q.get_tensor(f"{prefix}.qcodes"))
             ours = dequantize_int4(codes, q.get_tensor(f"{prefix}.qscale"),
@@ -66,11 +71,14 @@ def test_4bit_path_agrees_with_float32_on_the_same_weights(pair):
 
 def test_4bit_weights_take_a_quarter_of_the_bytes(pair):
     dense, q4 = pair
-    # The tied embedding (Q8_0 in the file) stays float32: 113 MB of both.
-    emb = 49152 * 576 * 4
+    # the tied embedding / LM head: float32 in one, Q8_0 (int8 and a float32 scale per 32) in the
+    # other, one table for both uses
+    emb, emb_q8 = 49152 * 576 * 4, 49152 * 576 * (1 + 4 / 32)
     proj_dense = dense.engine.runner.weight_bytes - emb
-    proj_q4 = q4.engine.runner.weight_bytes - emb
+    proj_q4 = q4.engine.runner.weight_bytes - emb_q8
     assert proj_q4 < proj_dense / 4, (proj_q4, proj_dense)
+    model = q4.engine.runner.model
+    assert model.lm_head.quant is model.model.embed_tokens.quant is not None
 
 
 def test_gguf_quantization_needs_a_gguf_model(tmp_path, smollm2_dir):

@@ -13,6 +13,7 @@ from tandem.config import EngineConfig
 from tandem.layers.linear import LinearBase
 from tandem.loader.weights import resolve_quantization
 from tandem.quantization.int8 import dequantize_int8, int8_matmul, quantize_int8
+from tandem.quantization.q8_0 import dequantize_q8_0
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 from test_gguf_serving import TEXT
@@ -68,9 +69,9 @@ def test_every_weight_is_held_quantized(models):
     dense = models["none"].engine.runner.weight_bytes
     assert runner.weight_bytes < dense / 5
     assert models["int8"].engine.runner.weight_bytes < dense / 3.5
-    # the embedding looks its rows up from the int8 table, as the LM head multiplies by it
+    # the embedding looks its rows up from the Q8_0 table, as the LM head multiplies by it
     ids = torch.tensor([0, 17, 49151])
-    want = dequantize_int8(embed.quant.codes, embed.quant.scale)[ids]
+    want = dequantize_q8_0(embed.quant.codes, embed.quant.scale)[ids]
     torch.testing.assert_close(embed(ids), want, rtol=0, atol=0)
 
 
