@@ -1,18 +1,22 @@
 """Tandem against llama.cpp's C++ server and HF transformers on this CPU, same weights, one run.
 
-Engines, all on the SmolLM2-135M-Instruct weights of `--model smollm2` (Tandem's HF folder,
-converted from the shipped Q4_1 GGUF):
+Engines, all on the SmolLM2-135M-Instruct weights of `--model smollm2` (the shipped Q4_1 GGUF
+and Tandem's HF folder converted from it):
 
-    tandem      `tandem serve` with --tandem-args (say which settings in BENCHMARKS.md)
+    tandem      `tandem serve --quantization none` with --tandem-args: every weight dense, in
+                --dtype (say which settings in BENCHMARKS.md)
+    tandem-q4   `tandem serve --quantization gguf` with --tandem-q4-args: the Q4_1 file's
+                projections served as stored, at 4 bits (PyTorch's int4 kernel); the LM head
+                (Q8_0 in the file) as Tandem serves it: the roofline's weights column says how
     llama-f16   llama-server on a 16-bit GGUF that llama.cpp's own script converts from that folder
-    llama-q4_1  llama-server on the shipped Q4_1 GGUF, for reference
+    llama-q4_1  llama-server on the shipped Q4_1 GGUF
     hf          HF transformers `generate`, in-process, static batches, --hf-dtype (float32:
                 bf16/fp16 matmuls are far slower than float32 on an AVX2 CPU)
 
 llama-server is built from the llama.cpp that the llama-cpp-python sdist vendors and gets one
 server per concurrency, with that many slots (`-np C -cb`, context C x (input + output + 64));
-Tandem gets one server for all concurrencies. See llama_peer.py: the first run downloads and
-builds (about 10 minutes) and fills a venv under .bench/ for the GGUF conversion.
+each Tandem engine gets one server for all concurrencies. See llama_peer.py: the first run
+downloads and builds (about 10 minutes) and fills a venv under .bench/ for the GGUF conversion.
 
 Workload, like vLLM's `bench serve`: random prompts of --input-len tokens, --output-len tokens
 each with ignore_eos, greedy, all sent at once with at most C in flight, C in --concurrency,
@@ -26,14 +30,23 @@ prompt cache ever hits.
 The roofline: a single-stream decode step reads every weight once, so weight bytes / memory
 bandwidth is a floor on its inter-token latency. Bandwidth is one proxy number: the median of
 `t.sum()` over a 256 MiB float32 tensor with --threads threads. Weight bytes a step reads:
-every parameter at the engine's dtype for Tandem and HF (the tied embedding / LM head once;
-the one embedding row a step looks up is left out), the GGUF's tensor data for llama-server.
+for each Tandem engine, counted from the model as loaded with its own serve args (in this
+process, freed before any server starts; step_bytes.py): every projection's and the LM head's
+quantized codes and scales where quantized (a one-row step takes the quantized kernel even with
+--dense-weight-copy), else its 16-bit decode copy where --decode-weight-dtype made one, else
+its weight, plus the norms; for HF every parameter at --hf-dtype (the tied embedding / LM head
+once); for llama-server the GGUF's tensor data. The one embedding row a step looks up is left
+out throughout.
 
-The defaults (4 engines x concurrency 1, 4, 16, 64) should take roughly half an hour on 2 cores
-(an estimate from small runs), after the one-time setup:
+The defaults (5 engines x concurrency 1, 4, 16, 64) should take somewhat over half an hour on
+2 cores (an estimate from small runs), after the one-time setup:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_cpu.py --tandem-args "" \\
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_cpu.py --tandem-args="" \\
+        --tandem-q4-args="--dense-weight-copy" \\
         --result-file compare_cpu.json
+
+(write --tandem-args=... with the `=`: a value that starts with `--` is otherwise taken for an
+option of this script.)
 """
 from __future__ import annotations
 
@@ -54,8 +67,7 @@ import transformers
 from tandem.bench.datasets import random_requests
 from tandem.bench.metrics import RequestResult, summarize
 from tandem.bench.serve import add_serve_args, bench_serve
-from tandem.cli import build_parser
-from tandem.config import DECODE_WEIGHT_DTYPES, DTYPES, EngineConfig
+from tandem.config import DTYPES
 from tandem.loader.model_path import resolve_model, smollm2_gguf
 from tandem.loader.tokenizer import load_tokenizer
 from tandem.procs import answers_ready
@@ -64,8 +76,16 @@ from tandem.procs import answers_ready
 from llama_peer import cpu_flags, f16_gguf, llama_cmd, llama_server, llama_version  # isort: skip
 from offline_throughput import hf_generate, hf_weight_bytes, machine, median  # isort: skip
 from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
+from step_bytes import tandem_step_bytes  # isort: skip
 
-ENGINES = ("tandem", "llama-f16", "llama-q4_1", "hf")
+ENGINES = ("tandem", "tandem-q4", "llama-f16", "llama-q4_1", "hf")
+TANDEM = ("tandem", "tandem-q4")
+# How each Tandem engine holds its weights; --tandem-args / --tandem-q4-args come after.
+TANDEM_QUANTIZATION = {"tandem": ["--quantization", "none"],
+                       "tandem-q4": ["--quantization", "gguf"]}
+# --tandem-q4-args' default: the dense copy speeds prefill and large batches (about 40% more
+# tokens/s at C = 16 in a short run); the Q8_0 LM head needs no 16-bit decode copy.
+TANDEM_Q4_DEFAULT = "--dense-weight-copy"
 GGML_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
               "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
@@ -193,8 +213,8 @@ def problems(name: str, c: int, res: dict, output_len: int) -> list[str]:
 MAIN_TABLE = ("| engine | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | "
               "ITL p50 (ms) | ITL p99 (ms) |\n|---|---:|---:|---:|---:|---:|---:|")
 RATIO_TABLE = ("Tandem / peer: output tok/s (above 1: Tandem faster) and ITL p50 (below 1: "
-               "Tandem faster).\n\n| peer | concurrency | output tok/s ratio | ITL p50 ratio |\n"
-               "|---|---:|---:|---:|")
+               "Tandem faster).\n\n| Tandem | peer | concurrency | output tok/s ratio | "
+               "ITL p50 ratio |\n|---|---|---:|---:|---:|")
 ROOF_TABLE = ("| engine | weights | bytes/step (MB) | floor (ms) | ITL p50 at c=1 (ms) | "
               "ITL / floor |\n|---|---|---:|---:|---:|---:|")
 
@@ -207,14 +227,15 @@ def report(results: dict, labels: dict[str, str], roof: dict[str, dict], gbs: fl
         lines += [f"| {labels[e]} | {c} | {m['output_throughput']:.1f} | "
                   f"{m['median_ttft_ms']:.0f} | {m['p99_ttft_ms']:.0f} | "
                   f"{m['median_itl_ms']:.1f} | {m['p99_itl_ms']:.1f} |" for c, m in per.items()]
-    ours = med.get("tandem", {})
-    if ours and len(med) > 1:
+    ours = [t for t in TANDEM if t in med]
+    peers = [e for e in med if e not in TANDEM]
+    if ours and peers:
         lines += ["", RATIO_TABLE]
-        for e, per in med.items():
-            lines += [f"| {labels[e]} | {c} | "
-                      f"{ours[c]['output_throughput'] / m['output_throughput']:.2f}x | "
-                      f"{ours[c]['median_itl_ms'] / m['median_itl_ms']:.2f}x |"
-                      for c, m in per.items() if e != "tandem"]
+        for t, e in itertools.product(ours, peers):
+            lines += [f"| {labels[t]} | {labels[e]} | {c} | "
+                      f"{med[t][c]['output_throughput'] / m['output_throughput']:.2f}x | "
+                      f"{med[t][c]['median_itl_ms'] / m['median_itl_ms']:.2f}x |"
+                      for c, m in med[e].items()]
     roofline = (f"Roofline of single-stream decode: memory read bandwidth {gbs:.1f} GB/s (the "
                 "median `t.sum()` over 256 MiB of float32: a one-number proxy); floor = weight "
                 "bytes a step reads / bandwidth.")
@@ -238,7 +259,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1, help="medians over this many rounds")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--tandem-args", default="", help="extra `tandem serve` args, one string")
+    p.add_argument("--tandem-args", default="",
+                   help="extra `tandem serve` args of the dense engine, one string")
+    p.add_argument("--tandem-q4-args", default=TANDEM_Q4_DEFAULT,
+                   help="extra `tandem serve` args of the 4-bit engine, one string")
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2,
                    help="compute threads of every engine (llama-server -t, torch threads)")
@@ -252,22 +276,23 @@ def main() -> None:
     started, load_avg = time.perf_counter(), os.getloadavg()[0]  # other jobs skew every number
     cs = sorted(set(args.concurrency))
     folder, q4_1 = resolve_model("smollm2"), smollm2_gguf()
-    tandem_args = shlex.split(args.tandem_args)
-    tandem_cfg = EngineConfig.from_args(build_parser().parse_args(["serve", *tandem_args]))
-    # What a single-stream step reads: the 16-bit decode copy when there is one.
-    tandem_dtype = DECODE_WEIGHT_DTYPES[tandem_cfg.decode_weight_dtype] or tandem_cfg.torch_dtype
+    tandem_args = {"tandem": [*TANDEM_QUANTIZATION["tandem"], *shlex.split(args.tandem_args)],
+                   "tandem-q4": [*TANDEM_QUANTIZATION["tandem-q4"],
+                                 *shlex.split(args.tandem_q4_args)]}
+    # What a single-stream step reads, from each Tandem model as loaded (and freed again);
+    # this also rejects bad serve args before anything is measured.
+    weights = {e: tandem_step_bytes(tandem_args[e]) for e in TANDEM if e in args.engines}
     hf_dtype = DTYPES[args.hf_dtype]
 
     llama_bin, build_note, ggufs = None, "", {}
     if any(e.startswith("llama") for e in args.engines):
         llama_bin, build_note = llama_server(q4_1)
         ggufs = {"llama-f16": str(f16_gguf(folder)), "llama-q4_1": q4_1}
-    labels = {"tandem": f"Tandem ({args.tandem_args or 'defaults'})",
+    labels = {"tandem": f"Tandem dense ({args.tandem_args or 'defaults'})",
+              "tandem-q4": f"Tandem Q4_1 ({args.tandem_q4_args or 'defaults'})",
               "llama-f16": "llama-server f16", "llama-q4_1": "llama-server Q4_1",
               "hf": f"HF transformers {args.hf_dtype}"}
-    weights = {"tandem": (str(tandem_dtype).removeprefix("torch."),
-                          hf_weight_bytes(folder, tandem_dtype)),
-               "hf": (args.hf_dtype, hf_weight_bytes(folder, hf_dtype))}
+    weights["hf"] = (args.hf_dtype, hf_weight_bytes(folder, hf_dtype))
     weights |= {e: (e.removeprefix("llama-"), gguf_weight_bytes(g)) for e, g in ggufs.items()}
     roof = {e: {"weights": weights[e][0], "bytes": weights[e][1]} for e in args.engines}
 
@@ -277,8 +302,8 @@ def main() -> None:
     for run in range(args.runs):
         for e in args.engines:
             print(f"run {run + 1}/{args.runs}: {e} ...", file=sys.stderr, flush=True)
-            if e == "tandem":
-                per = measure_tandem(tandem_args, folder, cs, args, run)
+            if e in TANDEM:
+                per = measure_tandem(tandem_args[e], folder, cs, args, run)
             elif e == "hf":
                 if hf_model is None:
                     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -306,10 +331,12 @@ def main() -> None:
          if llama_bin else "llama.cpp: not run."),
         (f"Workload: {args.input_len}-token random prompts, {args.output_len} tokens out "
          f"(ignore_eos, greedy), {args.prompts_per_concurrency} x C prompts at most C in flight, "
-         f"medians of {args.runs} run(s). Tandem: "
-         f"`{shlex.join(['tandem', 'serve', '--model', 'smollm2', *tandem_args])}`, "
-         f"{weights['tandem'][0]} weights. HF: static batches of C, TTFT "
-         f"from the batch's start. Took {(time.perf_counter() - started) / 60:.1f} min."),
+         f"medians of {args.runs} run(s). "
+         + "".join(f"{labels[e]}: `{shlex.join(['tandem', 'serve', '--model', 'smollm2', *a])}`"
+                   f" ({weights[e][0]} in a one-row step). " for e, a in tandem_args.items()
+                   if e in args.engines)
+         + f"HF: static batches of C, TTFT from the batch's start. Took "
+         f"{(time.perf_counter() - started) / 60:.1f} min."),
     ]
     print(report(results, labels, roof, median(gbs), header, notes))
     if args.result_file:
