@@ -4,6 +4,7 @@ No server, no client: the engine's own step, which BENCHMARKS.md's CPU decode nu
 
     .venv/bin/python benchmarks/decode_step.py --batches 1 16 64 --decode-weight-dtype float16
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --decode-weight-dtype auto
+    .venv/bin/python benchmarks/decode_step.py --quantization gguf --batches 1 --profile
 """
 from __future__ import annotations
 
@@ -17,16 +18,25 @@ from tandem import LLM, SamplingParams
 from tandem.config import DECODE_WEIGHT_DTYPES, QUANTIZATIONS
 
 
-def step_ms(llm: LLM, batch: int, steps: int, tag: str) -> float:
+def step_ms(llm: LLM, batch: int, steps: int, tag: str, profile: bool = False) -> float:
+    """Median decode step; with `profile`, also print where the decode steps spent their time
+    (the profiler's own overhead inflates the median)."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
     for i in range(batch):  # distinct prompts: no prefix-cache hits between requests
         engine.add_request(f"{tag}-{i}", list(range(100 + i, 228 + i)), params)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     times = []
     while engine.has_unfinished_requests():
+        if profile and len(times) == 4:  # past the prefill
+            prof.start()
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
+    if profile:
+        prof.stop()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                        max_name_column_width=50))
     return statistics.median(times[-steps:]) * 1e3
 
 
@@ -51,17 +61,21 @@ def main() -> None:
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     p.add_argument("--dense-weight-copy", action="store_true")
     p.add_argument("--prefill", action="store_true", help="also time a prefill of 8 x 512 tokens")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile")
+    p.add_argument("--profile", action="store_true", help="print each batch's top ops")
     p.add_argument("--steps", type=int, default=10, help="decode steps in each median")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype,
-              quantization=args.quantization, dense_weight_copy=args.dense_weight_copy)
+              quantization=args.quantization, dense_weight_copy=args.dense_weight_copy,
+              enforce_eager=args.enforce_eager)
     print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, quantization "
-          f"{args.quantization}, dense copy {args.dense_weight_copy}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
+          f"{args.quantization}, dense copy {args.dense_weight_copy}, "
+          f"{'eager' if args.enforce_eager else 'compiled'}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
           f"|---:|---:|---:|")
     for b in args.batches:
-        ms = step_ms(llm, b, args.steps, f"b{b}")
+        ms = step_ms(llm, b, args.steps, f"b{b}", args.profile)
         print(f"| {b} | {ms:.1f} | {b / ms * 1e3:.1f} |", flush=True)
     if args.prefill:
         print(f"\nprefill of 8 x 512-token prompts: {prefill_tok_s(llm):.0f} tok/s")

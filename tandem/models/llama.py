@@ -69,14 +69,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, x, residual):
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # The residual stream in, the residual stream out: one signature for every layer, so
+        # torch.compile traces the decoder layer once (see engine/compile.py).
+        x = x + self.self_attn(rope, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -90,12 +87,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions)  # once a step, not once a layer
         for layer in self.layers:
-            x, residual = layer(rope, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+            x = layer(rope, x)
+        return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):

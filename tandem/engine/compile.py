@@ -1,0 +1,80 @@
+"""torch.compile (Inductor) of the decoder layers, warmed up before the engine serves.
+
+Regional compilation: the decoder layer's forward is traced once and every layer runs the
+result (parameters are graph inputs; attention is the opaque `tandem::attention` op), which
+compiles in seconds where the whole model took minutes. Inductor's artifacts are cached under
+$TANDEM_CACHE/inductor, so a second start skips code generation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from tandem.attention.metadata import set_metadata
+from tandem.distributed.parallel_state import tp_size
+from tandem.distributed.step import StepInputs
+from tandem.loader.model_path import cache_root
+
+if TYPE_CHECKING:
+    from tandem.config import EngineConfig
+    from tandem.engine.model_runner import ModelRunner
+
+logger = logging.getLogger("tandem.compile")
+# Inductor's wrapper checks every input's size and alignment on every call: ~6 us a layer.
+OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+
+
+def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
+    """Compile the runner's decoder layers and warm them up; False, with the layers left
+    eager, under --enforce-eager, off the CPU, with tensor parallelism (whose all_reduce
+    inside the layer Dynamo would have to trace as a functional collective over gloo), or when
+    Dynamo cannot compile them."""
+    if config.enforce_eager or runner.device.type != "cpu" or tp_size() > 1:
+        return False
+    # Read at Inductor's first compile in this process, unless something set it before.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    layers = runner.model.model.layers
+    for layer in layers:
+        layer.compile(fullgraph=True, options=OPTIONS)
+    try:
+        with torch.compiler.set_stance("default"):  # not the skipping stance set below
+            warm_up(runner, layers[0], config.max_num_batched_tokens)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        # A graph break, or other engines in this process used up Dynamo's 8 graphs a function.
+        logger.warning("torch.compile: running the decoder layers eagerly: %s", e)
+        for layer in layers:
+            layer._compiled_call_impl = None
+        return False
+    # The warm-up met every graph a step can need, so Dynamo may check only the guards that
+    # tell those graphs apart, not all ~150 (module structure, globals, every input's dtype
+    # and strides) on each of a step's 30 layer calls: 1 ms of a 1-row step. A step that
+    # needed another graph would raise, not compile.
+    torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    return True
+
+
+@torch.inference_mode()
+def warm_up(runner: ModelRunner, layer: torch.nn.Module, max_rows: int) -> None:
+    """Run `layer` on steps of 1, 2, 4 ... max_rows one-token decodes and on max_rows itself,
+    so that Dynamo meets every branch the layer takes on the number of rows (the projections'
+    routes switch at thresholds of rows) now, not on a request. One layer suffices: they all
+    share the compiled code."""
+    model = runner.model.model
+    sizes = [1 << i for i in range(max_rows.bit_length())]
+    for n in sizes + [max_rows] * (sizes[-1] != max_rows):
+        zeros = torch.zeros(n, dtype=torch.int64, device=runner.device)
+        none = zeros[:0]
+        # Every row writes slot 0 and reads block 0, which is zeroed again below.
+        inp = StepInputs(zeros, zeros, zeros, zeros.view(n, 1), zeros + 1, none.view(0, 3),
+                         none, none)
+        set_metadata(runner.metadata(inp))
+        try:
+            layer(model.rotary_emb(zeros), model.embed_tokens(zeros))
+        finally:
+            set_metadata(None)
+    runner.kv_cache[:, :, :, 0].zero_()
+    if runner.kv_scale is not None:
+        runner.kv_scale[:, :, :, 0].zero_()
