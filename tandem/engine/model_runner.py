@@ -18,6 +18,7 @@ from tandem.config import (
 )
 from tandem.distributed.group import TPGroup
 from tandem.distributed.step import StepInputs
+from tandem.engine.compile import compile_model
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -25,6 +26,7 @@ from tandem.layers.linear import add_decode_copies
 from tandem.layers.sampler import Sampler, SampleResult
 from tandem.loader.weights import load_model, resolve_quantization
 from tandem.models.registry import model_class
+from tandem.quantization.weight import prepare_q8
 
 
 class ModelRunner:
@@ -67,6 +69,8 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scale is not None:
                 layer.k_scale, layer.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
+        self.compiled = compile_model(self, config)
+        prepare_q8(self.model, config.enforce_eager)
 
     @functools.cached_property
     def weight_bytes(self) -> int:

@@ -115,9 +115,11 @@ def _chunked(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                fused: bool = True) -> torch.Tensor:
     """x [M, K] @ (d * q).T -> [M, N] in x.dtype, computed in float32: exact up to float32
-    rounding for float32 x (and then rounded to x.dtype for 16-bit x)."""
+    rounding for float32 x (and then rounded to x.dtype for 16-bit x). `fused=False` (the
+    engine's --enforce-eager) never compiles: the chunked route serves every row count."""
     global _compile_failed
     n, k = codes.shape
     if codes.dtype != torch.int8 or tuple(scale.shape) != (n, k // BLOCK) or k % BLOCK:
@@ -126,7 +128,7 @@ def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
     m = x.shape[0]
-    if m <= FUSED_ROWS[-1] and not _compile_failed:
+    if fused and m <= FUSED_ROWS[-1] and not _compile_failed:
         rows = next(r for r in FUSED_ROWS if r >= m)
         padded = x.new_zeros(rows, k, dtype=torch.float32)  # made here: a tensor of the mode's kind
         padded[:m] = x

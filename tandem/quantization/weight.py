@@ -63,13 +63,14 @@ class Q8Weight:
     one scale a row does not (docs/quantization.md)."""
     codes: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N, K // 32]
+    fused: bool = True  # the Inductor kernel for few rows; False under --enforce-eager
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Q8Weight:
         return cls(*quantize_q8_0(w))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return q8_0_matmul(x, self.codes, self.scale)
+        return q8_0_matmul(x, self.codes, self.scale, self.fused)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return embedding_q8_0(ids, self.codes, self.scale, dtype)
@@ -80,3 +81,17 @@ class Q8Weight:
 
 
 QuantWeight = Int4Weight | Int8Weight | Q8Weight
+
+
+@torch.inference_mode()
+def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
+    """Q8_0 tables: no compiled kernel under --enforce-eager; else compile the one- and two-row
+    kernels (decode) now rather than on the first request. Larger steps compile theirs on first
+    use (about a second each; 0.1 s from Inductor's cache)."""
+    for m in model.modules():
+        q = getattr(m, "quant", None)
+        if isinstance(q, Q8Weight) and hasattr(m, "lowp"):  # the LM head
+            q.fused = not enforce_eager
+            if q.fused:
+                for rows in (1, 2):
+                    q(torch.zeros(rows, q.codes.shape[1], device=q.codes.device))
