@@ -1,12 +1,13 @@
 """torch.compile (Inductor) of the decoder layers, warmed up before the engine serves.
 
 Regional compilation: the decoder layer's forward is traced once and every layer runs the
-result (parameters are graph inputs; attention is the opaque `tandem::attention` op), which
-compiles in seconds where the whole model took minutes. Inductor's artifacts are cached under
-$TANDEM_CACHE/inductor, so a second start skips code generation.
+result (parameters are graph inputs; attention is the opaque `tandem::attention` op): ~20 s
+for SmolLM2 on 2 cores, where the whole model took 135 s. Inductor's artifacts are cached
+under $TANDEM_CACHE/inductor, so a second start skips code generation (~3 s).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -40,28 +41,33 @@ def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
     for layer in layers:
         layer.compile(fullgraph=True, options=OPTIONS)
     try:
-        with torch.compiler.set_stance("default"):  # not the skipping stance set below
-            warm_up(runner, layers[0], config.max_num_batched_tokens)
+        warm_up(runner, layers[0], config.max_num_batched_tokens)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         # A graph break, or other engines in this process used up Dynamo's 8 graphs a function.
-        logger.warning("torch.compile: running the decoder layers eagerly: %s", e)
+        logger.warning("torch.compile: running the decoder layers eagerly: %r", e)
         for layer in layers:
             layer._compiled_call_impl = None
         return False
-    # The warm-up met every graph a step can need, so Dynamo may check only the guards that
-    # tell those graphs apart, not all ~150 (module structure, globals, every input's dtype
-    # and strides) on each of a step's 30 layer calls: 1 ms of a 1-row step. A step that
-    # needed another graph would raise, not compile.
-    torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     return True
+
+
+def step_stance(compiled: bool) -> contextlib.AbstractContextManager:
+    """What a compiled model's forward pass runs under. The warm-up met every graph a step can
+    need, so Dynamo may check only the guards that tell those graphs apart, not all ~150
+    (module structure, globals, each input's dtype and strides) on each of a step's 30 layer
+    calls: 1 ms of a 1-row step. A step needing another graph would raise, not compile. Only
+    around the model, as torch.compile elsewhere in the process must still compile."""
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
 
 @torch.inference_mode()
 def warm_up(runner: ModelRunner, layer: torch.nn.Module, max_rows: int) -> None:
     """Run `layer` on steps of 1, 2, 4 ... max_rows one-token decodes and on max_rows itself,
-    so that Dynamo meets every branch the layer takes on the number of rows (the projections'
-    routes switch at thresholds of rows) now, not on a request. One layer suffices: they all
-    share the compiled code."""
+    so that Dynamo meets every branch the layer takes on the number of rows now, not on a
+    request: the projections' routes switch at powers of two (linear.py), and every range
+    between two switches holds one of these sizes. One layer suffices: all share its code."""
     model = runner.model.model
     sizes = [1 << i for i in range(max_rows.bit_length())]
     for n in sizes + [max_rows] * (sizes[-1] != max_rows):

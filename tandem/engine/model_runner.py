@@ -18,7 +18,7 @@ from tandem.config import (
 )
 from tandem.distributed.group import TPGroup
 from tandem.distributed.step import StepInputs
-from tandem.engine.compile import compile_model
+from tandem.engine.compile import compile_model, step_stance
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -151,7 +151,8 @@ class ModelRunner:
         """The forward pass; logits of the sampled rows on rank 0 (None on other ranks)."""
         set_metadata(self.metadata(inp))
         try:
-            hidden = self.model(inp.input_ids, inp.positions)
+            with step_stance(self.compiled):
+                hidden = self.model(inp.input_ids, inp.positions)
         finally:
             set_metadata(None)
         if not inp.sample_rows.numel():
