@@ -23,8 +23,8 @@ SLOW := $(if $(SKIP_SLOW),-m "not slow",)
 OTHER_BF16 = $$($(PY) -c 'import torch; from tandem.config import fast_bf16; print(int(not fast_bf16(torch.device("cpu"))))')
 
 test: lint
-	$(OFFLINE) $(PY) -m pytest -q --durations=15 --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) $(SLOW) tests
-	$(OFFLINE) TANDEM_CPU_BF16=$(OTHER_BF16) $(PY) -m pytest -q -m dtype_sensitive tests
+	$(OFFLINE) TANDEM_ENFORCE_EAGER=1 $(PY) -m pytest -q --durations=15 --cov=tandem --cov-report=term --cov-fail-under=$(COV_MIN) $(SLOW) tests
+	$(OFFLINE) TANDEM_ENFORCE_EAGER=1 TANDEM_CPU_BF16=$(OTHER_BF16) $(PY) -m pytest -q -m dtype_sensitive tests
 
 serve: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/tandem serve --model smollm2 --host 127.0.0.1 --port 8000

@@ -48,7 +48,11 @@ class EngineConfig:
     quantization: str = "auto"
     quantization_group_size: int = 32
     dense_weight_copy: bool = False
-    enforce_eager: bool = False
+    # TANDEM_ENFORCE_EAGER=1 makes eager the default: the test suite builds hundreds of engines,
+    # and tracing each under coverage would cost minutes; tests/engine/test_compile.py asks for
+    # compilation explicitly.
+    enforce_eager: bool = dataclasses.field(
+        default_factory=lambda: _env_flag("TANDEM_ENFORCE_EAGER"))
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -139,6 +143,13 @@ DECODE_WEIGHT_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torc
 QUANTIZATIONS = ("auto", "none", "gguf", "int4", "int8")
 
 
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}: must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32', 'float8_e4m3fn': how logs and metric labels name a dtype."""
     return str(dtype).removeprefix("torch.")
@@ -210,7 +221,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="quantized layers also keep a dense copy (bfloat16 where the CPU computes "
                         "it, else float32) for steps of many rows, where it is faster; costs its "
                         "memory (weight_bytes in the start-up line)")
-    p.add_argument("--enforce-eager", action="store_true",
+    p.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="run the model eagerly: no torch.compile of the decode step")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,

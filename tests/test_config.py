@@ -147,3 +147,13 @@ def test_from_args_maps_cli_flags_to_fields():
                              enable_prefix_caching=False, seed=3)
     defaults = EngineConfig.from_args(build_parser().parse_args(["generate", "--prompt", "x"]))
     assert defaults == EngineConfig()
+
+
+def test_enforce_eager_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TANDEM_ENFORCE_EAGER", "1")
+    assert EngineConfig().enforce_eager
+    monkeypatch.setenv("TANDEM_ENFORCE_EAGER", "0")
+    assert not EngineConfig().enforce_eager
+    monkeypatch.setenv("TANDEM_ENFORCE_EAGER", "yes")
+    with pytest.raises(ValueError, match="TANDEM_ENFORCE_EAGER: must be 0 or 1"):
+        EngineConfig()

@@ -22,7 +22,7 @@ PROMPTS = ["Hi", "The capital of France is", SHARED + "On the opening day",
 def make(smollm2_dir: str, **kw) -> LLM:
     # 32-token steps: the long prompts' prefills are chunked, and the warm-up is short.
     args = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "64MiB",
-            "max_num_batched_tokens": 32, "max_num_seqs": 4}
+            "max_num_batched_tokens": 32, "max_num_seqs": 4, "enforce_eager": False}
     return LLM(model=smollm2_dir, **(args | kw))
 
 
