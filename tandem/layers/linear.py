@@ -164,21 +164,17 @@ class LinearBase(nn.Module):
             q4 = unpack_nibbles(self.qcodes.data), self.qscale.data, self.qzero.data
             del self.qcodes, self.qscale, self.qzero
         else:
-            method, group = self.quantize_to
             w = self.weight.data
             del self.weight
-            if method == "int8":
-                self.quant = Int8Weight.quantize(w)
-                if dense_dtype is not None:
-                    self.dense = dequantize_int8(self.quant.codes, self.quant.scale).to(dense_dtype)
-                    self.dense_min_rows = dense_min_rows(dense_dtype)
-                return
-            q4 = quantize_int4(w, group)
-        self.quant = Int4Weight.from_codes(*q4, self.group_size)
+            q4 = quantize_int4(w, self.group_size) if self.quantize_to[0] == "int4" else None
+        if q4 is None:
+            self.quant = Int8Weight.quantize(w)
+        else:
+            self.quant = Int4Weight.from_codes(*q4, self.group_size)
         if dense_dtype is not None:
-            self.dense_min_rows = dense_min_rows(dense_dtype)
-        if dense_dtype is not None:
-            self.dense = dequantize_int4(*q4, self.group_size).to(dense_dtype)
+            full = (dequantize_int8(self.quant.codes, self.quant.scale) if q4 is None
+                    else dequantize_int4(*q4, self.group_size))
+            self.dense, self.dense_min_rows = full.to(dense_dtype), dense_min_rows(dense_dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and (self.dense is None

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.quantization.int4 import int4_matmul, pack_int4, quantize_int4
+from tandem.quantization.int4 import int4_matmul, pack_int4
 from tandem.quantization.int8 import int8_matmul, quantize_int8
 from tandem.quantization.q8_0 import embedding_q8_0, q8_0_matmul, quantize_q8_0
 
@@ -21,10 +21,6 @@ class Int4Weight:
                    group_size: int) -> Int4Weight:
         return cls(*pack_int4(codes, scale, zero, group_size), group_size)
 
-    @classmethod
-    def quantize(cls, w: torch.Tensor, group_size: int) -> Int4Weight:
-        return cls.from_codes(*quantize_int4(w, group_size), group_size)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
 
@@ -36,7 +32,7 @@ class Int4Weight:
 @dataclass
 class Int8Weight:
     codes: torch.Tensor  # int8 [N, K]
-    scale: torch.Tensor  # float32 [N], for looking rows up
+    scale: torch.Tensor  # float32 [N], to dequantize (the dense copy)
     scale_bf16: torch.Tensor  # the kernel's copy
 
     @classmethod
@@ -46,10 +42,6 @@ class Int8Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.codes, self.scale_bf16)
-
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `ids` of the weight, dequantized: an embedding lookup from the int8 table."""
-        return (self.codes[ids].float() * self.scale[ids, None]).to(dtype)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
