@@ -48,6 +48,10 @@ class EngineConfig:
     quantization: str = "auto"
     quantization_group_size: int = 32
     dense_weight_copy: bool = False
+    kv_host_memory: int | str = 0  # bytes of host memory for evicted blocks; 0 = off
+    kv_store: str | None = None  # redis://host:port[/db] or file:///dir
+    kv_store_timeout: float = 1.0
+    kv_store_write_through: bool = False
     # TANDEM_ENFORCE_EAGER=1 makes eager the default: the test suite builds hundreds of engines,
     # and tracing each under coverage would cost minutes; tests/engine/test_compile.py asks for
     # compilation explicitly.
@@ -67,6 +71,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.kv_host_memory not in (0, "0"):
+            self.kv_host_memory = parse_size(self.kv_host_memory, "kv_host_memory")
+        else:
+            self.kv_host_memory = 0
+        if not (isinstance(self.kv_store_timeout, (int, float))
+                and 0 < self.kv_store_timeout <= 60):
+            raise ValueError(f"kv_store_timeout: must be in (0, 60] seconds, "
+                             f"got {self.kv_store_timeout!r}")
+        if self.kv_store_write_through and not self.kv_store:
+            raise ValueError("kv_store_write_through: needs kv_store")
+        if (self.kv_store or self.kv_host_memory) and not self.enable_prefix_caching:
+            raise ValueError("kv_store: the KV tiers hold prefix-cached blocks; they need "
+                             "prefix caching on")
+        if (self.kv_store or self.kv_host_memory) and self.tensor_parallel_size > 1:
+            raise ValueError("kv_store: the KV tiers (kv_host_memory, kv_store) are not "
+                             "implemented with tensor_parallel_size > 1 yet")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -221,6 +241,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="quantized layers also keep a dense copy (bfloat16 where the CPU computes "
                         "it, else float32) for steps of many rows, where it is faster; costs its "
                         "memory (weight_bytes in the start-up line)")
+    p.add_argument("--kv-host-memory", default=d.kv_host_memory,
+                   help="host memory for KV blocks evicted from the cache, e.g. 4GiB (0: off)")
+    p.add_argument("--kv-store", default=None,
+                   help="a KV block store shared by replicas: redis://host:port[/db] or "
+                        "file:///dir")
+    p.add_argument("--kv-store-timeout", type=float, default=d.kv_store_timeout,
+                   help="seconds any one store call may take")
+    p.add_argument("--kv-store-write-through", action="store_true",
+                   help="write every full block to the store once computed, not only when "
+                        "evicted, so other replicas see it at once")
     p.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="run the model eagerly: no torch.compile of the decode step")
     p.add_argument("--seed", type=int, default=d.seed)

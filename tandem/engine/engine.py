@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig
@@ -17,6 +18,8 @@ from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.stats import EngineStats
+from tandem.kv_store.format import engine_model_id
+from tandem.kv_store.tiers import make_tiers
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
 
@@ -61,6 +64,12 @@ class LLMEngine:
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.max_model_len)
+        self.tiers = make_tiers(config, self.runner,
+                                engine_model_id(self.hf_config.to_dict(), self.runner.quantization))
+        if self.tiers is not None:
+            self.kv.on_evict = self.tiers.on_evict
+            self.kv.newly_cached = []
+            self.scheduler.tiers = self.tiers
         self.parents: dict[str, _Parent] = {}
         self.children: dict[str, tuple[_Parent, _Child]] = {}
         self.stats = EngineStats()
@@ -71,7 +80,10 @@ class LLMEngine:
             raise self.group.error
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do for one rank)."""
+        """Stop the tensor-parallel workers (nothing to do for one rank) and the KV tiers'
+        store threads."""
+        if self.tiers is not None:
+            self.tiers.close()
         self.group.shutdown()
 
     @property
@@ -155,8 +167,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.empty:
+            if self.tiers is not None:  # requests waiting for a load: nothing else to do
+                self.tiers.wait(0.01)
             return []
+        start = time.monotonic()
         reqs, result = self.runner.execute(sched)
+        if self.tiers is not None:
+            self.tiers.observe_step(sum(sched.num_tokens), time.monotonic() - start)
+            computed, self.kv.newly_cached = self.kv.newly_cached, []
+            self.tiers.on_computed(computed)
         sampled = dict(zip((r.request_id for r in reqs), result.token_ids)) if result else {}
         self.scheduler.update(sched, sampled)
         touched: dict[str, _Parent] = {}

@@ -8,6 +8,7 @@ import hashlib
 import sys
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 
 from tandem.engine.kv_events import KVEventLog
 from tandem.engine.request import Request
@@ -47,6 +48,10 @@ class KVCacheManager:
         self.cached: dict[bytes, int] = {}
         self.num_cached_blocks: dict[str, int] = {}
         self.events = KVEventLog()
+        # The tiers below (kv_store/tiers.py): told of each cached block the pool is about to
+        # reuse, and of each block a step fills (write-through), when they are on.
+        self.on_evict: Callable[[int, bytes], None] | None = None
+        self.newly_cached: list[tuple[int, bytes]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -98,11 +103,17 @@ class KVCacheManager:
         self._cache_full_blocks(req, total)
         return True
 
-    def _pop_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+    def _pop_free(self, keep: Collection[int] = ()) -> int:
+        if keep:
+            block_id = next(b for b in self.free if b not in keep)
+            del self.free[block_id]
+        else:
+            block_id, _ = self.free.popitem(last=False)
         h = self.block_hash[block_id]
         if h is not None:
             if self.cached.get(h) == block_id:
+                if self.on_evict is not None:
+                    self.on_evict(block_id, h)
                 del self.cached[h]
                 self.events.removed(h)
             self.block_hash[block_id] = None
@@ -125,7 +136,25 @@ class KVCacheManager:
                 self.cached[h] = block_id
                 self.block_hash[block_id] = h
                 self.events.stored(h)
+                if self.newly_cached is not None:
+                    self.newly_cached.append((block_id, h))
         self.num_cached_blocks[req.request_id] = num_full
+
+    def install(self, block_hash: bytes, keep: Collection[int] = ()) -> tuple[int, bool]:
+        """A pool block named `block_hash`, for K/V loaded from a tier below: (block id, True)
+        for a free block now cached under that name, whose K/V the caller must write, or the
+        block already cached under it and False. Blocks in `keep` are not taken; the caller
+        checked that another free block exists."""
+        block_id = self.cached.get(block_hash)
+        if block_id is not None:
+            return block_id, False
+        block_id = self._pop_free(keep)
+        self.ref_counts[block_id] = 0
+        self.free[block_id] = None  # most recently used: the request that wants it comes next
+        self.cached[block_hash] = block_id
+        self.block_hash[block_id] = block_hash
+        self.events.stored(block_hash)
+        return block_id, True
 
     def free_request(self, req: Request) -> None:
         # Reverse order: a prompt's tail blocks are the least likely to be shared, so evict them first.

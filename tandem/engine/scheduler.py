@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.engine.kv_cache import KVCacheManager
 from tandem.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from tandem.kv_store.tiers import KVTiers
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up at admission
         self.prefix_cache_hits = 0  # of those, tokens found cached
+        self.tiers: KVTiers | None = None  # host memory and shared store, when configured
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -60,16 +65,20 @@ class Scheduler:
                 i += 1
                 continue
             break
-        # Admitting new work while evicting running work would only thrash.
-        while (not out.num_preempted and self.waiting and budget > 0
-               and len(self.running) < self.max_num_seqs):
-            req = self.waiting[0]
+        # Admitting new work while evicting running work would only thrash. In order, except
+        # that a request whose blocks are still loading from the KV store lets later ones pass.
+        for req in list(self.waiting):
+            if out.num_preempted or budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self.tiers is not None and self.kv.enable_caching \
+                    and not self.tiers.prepare(req, self.kv):
+                continue
             computed = self.kv.get_computed_blocks(req)
             num_hit = len(computed) * self.kv.block_size
             n = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, n, computed):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.num_computed_tokens = num_hit
             self.prefix_cache_queries += req.num_tokens
             self.prefix_cache_hits += num_hit
@@ -113,6 +122,8 @@ class Scheduler:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
+            if self.tiers is not None:
+                self.tiers.forget(req)
         self.kv.free_request(req)
 
     def abort(self, request_id: str) -> bool:
