@@ -65,7 +65,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.max_model_len)
         self.tiers = make_tiers(config, self.runner,
-                                engine_model_id(self.hf_config.to_dict(), self.runner.quantization))
+                                engine_model_id(self.hf_config.to_dict(), self.runner.quantization),
+                                self.kv.events.shared)
         if self.tiers is not None:
             self.kv.on_evict = self.tiers.on_evict
             self.kv.newly_cached = []

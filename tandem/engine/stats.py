@@ -86,5 +86,13 @@ class StatsLogger:
                 f"{len(sched.waiting)}, KV cache usage {100 * self.engine.kv.usage:.1f}%, "
                 f"prefix cache hit rate {100 * hits / max(queries, 1):.1f}% "
                 f"({100 * totals[3] / max(totals[2], 1):.1f}% since start)")
+        tiers = self.engine.tiers
+        if tiers is not None:
+            t = tiers.stats
+            line += (f", KV tiers since start: host {t.hits['host']} hits/{t.misses['host']} "
+                     f"misses, store {t.hits['store']}/{t.misses['store']} blocks, "
+                     f"{t.loaded_bytes.total() / 1e6:.1f} MB loaded, "
+                     f"{sum(t.store_errors.values())} store errors, "
+                     f"{sum(t.dropped.values())} values dropped, breaker {tiers.breaker_state}")
         logger.info(line)
         return line

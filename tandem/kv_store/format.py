@@ -23,6 +23,7 @@ MAGIC = b"TKVB"
 VERSION = 1
 _PREFIX = struct.Struct("<4sI")  # magic, header length
 _MAX_HEADER = 4096
+DROP_REASONS = ("header", "version", "layout", "hash", "checksum")
 
 
 class BadBlock(ValueError):

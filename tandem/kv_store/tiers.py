@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -87,8 +88,10 @@ class _Load:
 class KVTiers:
     def __init__(self, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
                  layout: BlockLayout, host_blocks: int, store: KVStore | None,
-                 timeout: float, write_through: bool):
+                 timeout: float, write_through: bool,
+                 on_shared: Callable[[bytes], None] | None = None):
         self.kv_cache, self.kv_scale, self.layout = kv_cache, kv_scale, layout
+        self.on_shared = on_shared  # a block is in the store now (for the router's events)
         self.host = (HostPool(host_blocks, layout.kv_shape, kv_cache.dtype,
                               kv_scale.dtype if kv_scale is not None else None,
                               pin=kv_cache.is_cuda) if host_blocks else None)
@@ -167,6 +170,8 @@ class KVTiers:
             self._record(True)
             self.stats.add("saved_bytes", "store", len(value))
             ok = True
+            if self.on_shared is not None:
+                self.on_shared(block_hash)
         except StoreError as e:
             self._record(False, e)
             self.stats.add("store_errors", "put")
@@ -299,6 +304,11 @@ class KVTiers:
         with self._lock:
             return self.breaker.state
 
+    @property
+    def breaker_code(self) -> int:
+        with self._lock:
+            return self.breaker.state_code
+
     def _allow(self) -> bool:
         with self._lock:
             return self.breaker.allow()
@@ -324,7 +334,8 @@ class KVTiers:
             self.store.close()
 
 
-def make_tiers(config: EngineConfig, runner: ModelRunner, model_id: str) -> KVTiers | None:
+def make_tiers(config: EngineConfig, runner: ModelRunner, model_id: str,
+               on_shared: Callable[[bytes], None] | None = None) -> KVTiers | None:
     """The tiers `config` asks for, below `runner`'s pool; None when it asks for none."""
     if not (config.kv_host_memory or config.kv_store):
         return None
@@ -340,4 +351,4 @@ def make_tiers(config: EngineConfig, runner: ModelRunner, model_id: str) -> KVTi
                          f"{runner.bytes_per_block} bytes")
     store = open_store(config.kv_store, config.kv_store_timeout) if config.kv_store else None
     return KVTiers(runner.kv_cache, scale, layout, host_blocks, store, config.kv_store_timeout,
-                   config.kv_store_write_through)
+                   config.kv_store_write_through, on_shared)

@@ -33,6 +33,7 @@ class RouteRequest:
     prompt_tokens: int  # or an estimate (characters / 4) when the router does not tokenize
     cached_tokens: dict[str, int]  # replica -> tokens of the prompt's prefix it holds
     session: str | None = None
+    shared_tokens: int = 0  # tokens of the prefix a shared KV store holds (any replica loads)
 
 
 def _less_loaded(a: ReplicaLoad) -> tuple[int, int]:
@@ -68,17 +69,23 @@ class PowerOfTwo:
 class CacheAware:
     uses_cache = True  # the proxy computes prefix matches only for policies that read them
 
-    def __init__(self, load_weight: float = 0.5):
+    def __init__(self, load_weight: float = 0.5, load_cost: float = 0.1):
         # A token of queued work delays a new request less than a token of its own prefill:
         # the engines batch a newcomer's prefill chunk alongside running work. And a miss costs
         # more than its compute: it copies the prefix into a second cache, so later requests
         # of that prefix hit less. Measured: 1.0 split shared-prefix groups early (78% hit rate
         # against 81% possible, benchmarks/router_cache.py).
         self.load_weight = load_weight
+        # A token loaded from a shared KV store, against one computed: measured well over 10x
+        # cheaper (benchmarks/kv_store.py); more than zero, as the load still costs something.
+        self.load_cost = load_cost
 
     def cost(self, r: ReplicaLoad, req: RouteRequest) -> float:
-        uncached = max(0, req.prompt_tokens - req.cached_tokens.get(r.name, 0))
-        return uncached + self.load_weight * r.queued_work
+        cached = min(req.cached_tokens.get(r.name, 0), req.prompt_tokens)
+        # What the shared store holds past the replica's own prefix it loads, not computes.
+        loaded = max(0, min(req.shared_tokens, req.prompt_tokens) - cached)
+        uncached = req.prompt_tokens - cached - loaded
+        return uncached + self.load_cost * loaded + self.load_weight * r.queued_work
 
     def pick(self, replicas: list[ReplicaLoad], req: RouteRequest) -> ReplicaLoad:
         # Among equals, the replica caching least: unrelated prefixes spread over the caches.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tandem.router.engine_keys import EngineKeys, block_keys
 from tandem.router.policies import RouteRequest
 from tandem.router.prefix_index import TEXT_BLOCK_CHARS, text_blocks
-from tandem.router.replicas import Replica, ReplicaSet
+from tandem.router.replicas import STORE, Replica, ReplicaSet
 from tandem.router.retry import Backoff, is_retryable
 from tandem.router.upstream import ConnectFailed, Pool, UpstreamError, UpstreamTimeout
 from tandem.router.upstream import Response as UpstreamResponse
@@ -106,16 +106,16 @@ class Proxy:
         if not candidates:
             raise LookupError("no replica is available")
         text = routing_text(body)
-        keys, ids, cached = [], None, {}
+        keys, ids, cached, shared = [], None, {}, 0
         if getattr(self.policy, "uses_cache", False):
             keys = text_blocks(text)
             ids = self.engine_keys.token_ids(body) if self.engine_keys else None
-            cached = self._cached_tokens(body, candidates, keys, ids)
+            cached, shared = self._cached_tokens(body, candidates, keys, ids)
         req = RouteRequest(prompt_tokens=len(ids) if ids else max(1, len(text) // 4),
-                           cached_tokens=cached, session=session)
+                           cached_tokens=cached, session=session, shared_tokens=shared)
         pick = self.policy.pick([r.load for r in candidates], req)
         chosen = next(r for r in candidates if r.id == pick.name)
-        hit = min(cached.get(chosen.id, 0), req.prompt_tokens)
+        hit = min(max(cached.get(chosen.id, 0), shared), req.prompt_tokens)
         chosen.prompt_tokens += req.prompt_tokens
         chosen.expected_hit_tokens += hit
         out = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -127,22 +127,26 @@ class Proxy:
         return chosen, keys, work, prefill
 
     def _cached_tokens(self, body: dict, candidates: list[Replica], keys: list[bytes],
-                       ids: list[int] | None) -> dict[str, int]:
+                       ids: list[int] | None) -> tuple[dict[str, int], int]:
         """Tokens of the request's prefix each replica holds: by the text the router sent it
         (64 bytes ~ 16 tokens), and for Tandem replicas (with --tokenizer) by the engine's own
         blocks. The engine's events arrive a probe interval late, so a prefix routed there a
-        moment ago counts by its text until they do; the larger of the two stands."""
+        moment ago counts by its text until they do; the larger of the two stands. Also the
+        tokens of the prefix a shared KV store holds, which any Tandem replica can load."""
         cached, index = {}, self.replicas.index
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+        shared = 0
         for r in candidates:
             cached[r.id] = index.match(keys, [r.id])[r.id] * TEXT_BLOCK_CHARS // 4
             r.load.cached_blocks = index.size(r.id)
             if ids is not None and r.block_size:
-                n = self.replicas.engine_index.match(block_keys(ids, r.block_size, salt),
-                                                     [r.id])[r.id]
+                chain = block_keys(ids, r.block_size, salt)
+                n = self.replicas.engine_index.match(chain, [r.id])[r.id]
                 cached[r.id] = max(cached[r.id], n * r.block_size)
                 r.load.cached_blocks = self.replicas.engine_index.size(r.id)
-        return cached
+                stored = self.replicas.store_index.match(chain, [STORE])[STORE]
+                shared = max(shared, stored * r.block_size)
+        return cached, shared
 
     async def send(self, path: str, raw: bytes, body: dict, headers: dict[str, str],
                    session: str | None) -> Upstream:

@@ -29,6 +29,9 @@ _PREFIX = re.compile(r"^(?:tandem|vllm):prefix_cache_(hits|queries)_total(?:\{[^
                      r"([0-9.eE+]+)$", re.MULTILINE)
 
 
+STORE = "shared-store"  # the store's entry in store_index: one for all replicas
+
+
 @dataclass
 class ProbeConfig:
     path: str = "/ready"
@@ -92,6 +95,8 @@ class ReplicaSet:
         self.replicas: dict[str, Replica] = {}
         self.index = index or PrefixIndex()  # text keys the router recorded (any replica)
         self.engine_index = PrefixIndex()  # Tandem replicas' own block hashes, from events
+        # Blocks any replica wrote to a shared KV store: every replica can load them.
+        self.store_index = PrefixIndex()
         self.probe = probe or ProbeConfig()
         self.avg_work = 256.0  # tokens per request, a running mean the proxy keeps
 
@@ -159,11 +164,15 @@ class ReplicaSet:
         r.kv_instance, r.kv_seq, r.block_size = body["instance"], body["seq"], body["block_size"]
         if "snapshot" in body:
             self.engine_index.replace(r.id, [bytes.fromhex(h) for h in body["snapshot"]])
+            self.store_index.insert(STORE, [bytes.fromhex(h) for h in body.get("shared", ())])
             return
         for e in body["events"]:
             key = [bytes.fromhex(e["hash"])]
-            idx = self.engine_index
-            (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
+            if e["type"] == "shared":
+                self.store_index.insert(STORE, key)
+            else:
+                idx = self.engine_index
+                (idx.insert if e["type"] == "stored" else idx.remove)(r.id, key)
 
     async def _scrape_queue(self, client: Pool, r: Replica) -> None:
         """Work at the replica that did not come through this router (its running + waiting

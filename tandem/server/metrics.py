@@ -4,6 +4,7 @@ from __future__ import annotations
 from tandem.config import dtype_name
 from tandem.engine.engine import LLMEngine
 from tandem.engine.stats import Histogram
+from tandem.kv_store.format import DROP_REASONS
 
 
 def render_metrics(engine: LLMEngine, model_name: str) -> str:
@@ -52,6 +53,43 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
     hist("time_to_first_token_seconds", "Time to first token.", stats.time_to_first_token)
     hist("inter_token_latency_seconds", "Time between tokens.", stats.inter_token_latency)
     hist("e2e_request_latency_seconds", "Request latency.", stats.e2e_request_latency)
+    tiers = engine.tiers
+    if tiers is not None:
+        t = tiers.stats
+        names = ["host"] * (tiers.host is not None) + ["store"] * (tiers.store is not None)
+
+        def per(name: str, kind: str, help_: str, key: str, counts, keys) -> None:
+            metric(name, kind, help_, [(f'{{{label},{key}="{k}"}}', counts[k]) for k in keys])
+
+        per("kv_tier_hit_blocks_total", "counter", "KV blocks loaded from a tier below the pool.",
+            "tier", t.hits, names)
+        per("kv_tier_misses_total", "counter", "Lookups that ended at a block the tier lacked.",
+            "tier", t.misses, names)
+        per("kv_tier_loaded_bytes_total", "counter", "Bytes loaded from a tier into the pool.",
+            "tier", t.loaded_bytes, names)
+        per("kv_tier_saved_bytes_total", "counter", "Bytes written down to a tier.",
+            "tier", t.saved_bytes, names)
+        if tiers.host is not None:
+            metric("kv_host_blocks", "gauge", "KV blocks held in host memory, and its capacity.",
+                   [(f'{{{label},state="used"}}', len(tiers.host)),
+                    (f'{{{label},state="capacity"}}', tiers.host.num_blocks)])
+        if tiers.store is not None:
+            per("kv_store_errors_total", "counter", "Store calls that failed or timed out.",
+                "op", t.store_errors, ("get", "put"))
+            per("kv_store_dropped_blocks_total", "counter",
+                "Stored values refused (corrupt, or another model's or shape's).", "reason",
+                t.dropped, DROP_REASONS)
+            metric("kv_store_writes_dropped_total", "counter",
+                   "Blocks not written: write queue full or breaker open.",
+                   [(f"{{{label}}}", t.writes_dropped)])
+            metric("kv_store_load_timeouts_total", "counter",
+                   "Loads a request stopped waiting for (it recomputed instead).",
+                   [(f"{{{label}}}", t.load_timeouts)])
+            metric("kv_store_breaker_state", "gauge",
+                   "The store's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                   [(f"{{{label}}}", tiers.breaker_code)])
+            hist("kv_store_load_seconds", "Time to fetch and check a chain of blocks.",
+                 t.load_seconds)
     return "\n".join(lines) + "\n"
 
 
