@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -196,6 +197,13 @@ def cpu_flags() -> set[str]:
             return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return set()
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """AMX, AVX512, AVX2 or DEFAULT: what ATen's CPU kernels run with here."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return "AMX" if isa == "AVX512" and "amx_bf16" in cpu_flags() else isa
 
 
 def cpu_has_bf16() -> bool:

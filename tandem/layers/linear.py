@@ -5,12 +5,11 @@ columns are read from disk.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.config import cpu_isa
 from tandem.distributed.parallel_state import all_reduce, tp_rank, tp_size
 from tandem.quantization.int4 import dequantize_int4, quantize_int4
 from tandem.quantization.int8 import dequantize_int8
@@ -72,15 +71,6 @@ DENSE_CROSSOVERS = {
     "AVX512": {torch.bfloat16: 32, torch.float32: 256},
     "AVX2": {torch.bfloat16: 16, torch.float32: 128},
 }
-
-
-@functools.cache
-def cpu_isa() -> str:
-    """AMX, AVX512, AVX2 or DEFAULT: what ATen's CPU kernels run with here."""
-    from tandem.config import cpu_flags
-
-    isa = torch.backends.cpu.get_cpu_capability()
-    return "AMX" if isa == "AVX512" and "amx_bf16" in cpu_flags() else isa
 
 
 def dense_min_rows(dtype: torch.dtype) -> int:

@@ -67,8 +67,10 @@ def test_every_weight_is_held_quantized(models):
     assert embed.quant is not None and model.lm_head.quant is embed.quant  # tied: one table
     assert not hasattr(embed, "weight") and not hasattr(model.lm_head, "weight")
     dense = models["none"].engine.runner.weight_bytes
-    assert runner.weight_bytes < dense / 5
-    assert models["int8"].engine.runner.weight_bytes < dense / 3.5
+    # With AVX2 only, few-row steps read a float16 copy of the LM head (prepare_q8)
+    copy = 49152 * 576 * 2 * (model.lm_head.quant.f16 is not None)
+    assert runner.weight_bytes - copy < dense / 5
+    assert models["int8"].engine.runner.weight_bytes - copy < dense / 3.5
     # the embedding looks its rows up from the Q8_0 table, as the LM head multiplies by it
     ids = torch.tensor([0, 17, 49151])
     want = dequantize_q8_0(embed.quant.codes, embed.quant.scale)[ids]
@@ -136,7 +138,7 @@ def test_dense_crossover_follows_the_isa_aten_runs(capability, isa):
     """ATEN_CPU_CAPABILITY moves ATen's int4 kernel to another path; the crossover follows."""
     import subprocess
 
-    code = ("import torch; from tandem.layers.linear import cpu_isa, dense_min_rows; "
+    code = ("import torch; from tandem.config import cpu_isa; from tandem.layers.linear import dense_min_rows; "
             "print(cpu_isa(), dense_min_rows(torch.bfloat16), dense_min_rows(torch.float32))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "ATEN_CPU_CAPABILITY": capability}).stdout.split()
