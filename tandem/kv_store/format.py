@@ -118,9 +118,11 @@ def decode(layout: BlockLayout, block_hash: bytes, value: bytes
     n = kv_dtype.itemsize
     for d in shape:
         n *= d
-    if scale_dtype is not None and len(payload) - n != (n // kv_dtype.itemsize // shape[-1]
-                                                       * getattr(torch, scale_dtype).itemsize):
-        raise BadBlock("layout", "scale bytes do not match the shape")
+    scale_bytes = (n // kv_dtype.itemsize // shape[-1] * getattr(torch, scale_dtype).itemsize
+                   if scale_dtype is not None else 0)
+    if len(payload) != n + scale_bytes:  # a header that vouches for a payload of another size
+        raise BadBlock("layout", f"{len(payload)} payload bytes do not fill the shape "
+                                 f"({n + scale_bytes} bytes)")
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     kv = raw[:n].view(kv_dtype).view(shape)
     scale = raw[n:].view(getattr(torch, scale_dtype)).view(shape[:-1]) if scale_dtype else None

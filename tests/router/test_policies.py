@@ -119,3 +119,17 @@ def test_prefix_index_is_bounded_lru_per_replica():
     assert idx.match(old, ["r0"]) == {"r0": 0}  # old[0] was the LRU: its chain is broken
     with pytest.raises(ValueError):
         PrefixIndex(0)
+
+
+def test_cache_aware_prices_a_shared_store_prefix_as_a_load():
+    # r0 computed a 1000-token prefix and is busy; the shared store holds it too, so idle r1
+    # loads it for a tenth of a recompute instead of every request piling onto r0.
+    rs = replicas((2, 600), (0, 0))
+    shared = RouteRequest(1000, {"r0": 1000}, shared_tokens=1000)
+    assert CacheAware().pick(rs, shared).name == "r1"
+    assert CacheAware().cost(rs[1], shared) == pytest.approx(100)
+    # Without the store, the same load keeps it on r0: 300 queued beats a 1000-token recompute.
+    assert CacheAware().pick(rs, req(1000, {"r0": 1000})).name == "r0"
+    # What the store holds past a replica's own prefix is loaded; the rest computed.
+    part = RouteRequest(1000, {"r0": 200}, shared_tokens=600)
+    assert CacheAware().cost(rs[0], part) == pytest.approx(400 + 40 + 300)

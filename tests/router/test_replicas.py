@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 from aiohttp import web
 
-from tandem.router.replicas import ProbeConfig, ReplicaSet
+from tandem.router.replicas import STORE, ProbeConfig, ReplicaSet
 from tandem.router.upstream import Pool
 
 from fake_replicas import FakeReplicas  # isort: skip
@@ -137,3 +137,20 @@ def test_requests_others_sent_to_the_replica_count_as_load():
                      'tandem:prefix_cache_hits_total{model_name="m"} 150.0\n')
         probe(rs, r)
         assert r.load.waiting_tokens == 300 and r.hit_rate == 0.75
+
+
+def test_shared_store_events_feed_one_index_for_every_replica():
+    rs = ReplicaSet()
+    h1, h2 = "44" * 32, "55" * 32
+    keys = [bytes.fromhex(h) for h in (h1, h2)]
+    with replica(rs) as (r, b, _):
+        b.kv = lambda req: {"instance": "i1", "seq": 1, "block_size": 16, "snapshot": [],
+                            "shared": [h1]}
+        probe(rs, r)
+        assert rs.store_index.match(keys, [STORE]) == {STORE: 1}
+        b.kv = lambda req: {"instance": "i1", "seq": 2, "block_size": 16, "events": [
+            {"seq": 2, "type": "shared", "hash": h2}]}
+        probe(rs, r)
+        assert rs.store_index.match(keys, [STORE]) == {STORE: 2}
+        # a block written to the store is not in the replica's own cache
+        assert rs.engine_index.match(keys, [r.id]) == {r.id: 0}
