@@ -48,19 +48,41 @@ class _AbortAll:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None,
-                 log_stats_interval: float = 0.0):
-        self.engine = engine or LLMEngine(config)
-        self._stats = StatsLogger(self.engine, log_stats_interval) if log_stats_interval else None
-        self.tokenizer = self.engine.tokenizer
+    def __init__(self, config: EngineConfig, log_stats_interval: float = 0.0):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._stop = threading.Event()
         # Adds sent to / taken by the engine thread; each counter has a single writer thread.
         self._sent = self._taken = 0
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        # The engine is built on the thread that steps it, so every torch op runs on one thread
+        # with one OpenMP team. Loading on the caller's thread left a second team behind, and
+        # with more OpenMP threads than cores libgomp stops spin-waiting between parallel
+        # regions: a one-row CPU step took 17 ms instead of 8 (2 cores, benchmarks/decode_step.py
+        # against this loop).
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._main,
+                                        args=(config, log_stats_interval, built),
+                                        name="tandem-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
+        self.tokenizer = self.engine.tokenizer
+
+    def _main(self, config: EngineConfig, log_stats_interval: float,
+              built: threading.Event) -> None:
+        try:
+            self.engine = LLMEngine(config)
+            self._stats = (StatsLogger(self.engine, log_stats_interval)
+                           if log_stats_interval else None)
+        except BaseException as e:  # noqa: BLE001 - __init__ re-raises it on its own thread
+            self.error = e
+            return
+        finally:
+            built.set()
+        self._run()
 
     @property
     def running(self) -> bool:
