@@ -9,6 +9,20 @@ from tandem.attention.kv_quant import read, write
 from tandem.attention.metadata import AttentionMetadata
 
 
+# From this many one-token decodes in a step, two batched matmuls beat the CPU's flash SDPA
+# kernel, which is built for long queries: 2 threads, 256-token contexts, bfloat16: 127 against
+# 245 us a layer at 16 decodes, 380 against 1,264 at 64; even at 8; float32 1.3-1.4x.
+BMM_MIN_DECODES = 8
+
+
+def _attend_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's result as HF's eager attention computes it: scores in the model dtype, softmax
+    in float32."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(attn_mask)
+    return torch.matmul(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v)
+
+
 class TorchAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
                 k_scale=None, v_scale=None) -> torch.Tensor:
@@ -25,9 +39,11 @@ class TorchAttention(AttentionBackend):
             group = q.shape[1] // num_kv_heads
             qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)
             tables = meta.decode_block_tables
-            o = F.scaled_dot_product_attention(
-                qd, read(k_cache, k_scale, tables, q.dtype),
-                read(v_cache, v_scale, tables, q.dtype), attn_mask=meta.decode_mask)
+            keys = read(k_cache, k_scale, tables, q.dtype)
+            values = read(v_cache, v_scale, tables, q.dtype)
+            attend = (_attend_bmm if q.is_cpu and nd >= BMM_MIN_DECODES
+                      else F.scaled_dot_product_attention)
+            o = attend(qd, keys, values, attn_mask=meta.decode_mask)
             out[:nd] = o.transpose(0, 1).reshape(nd, -1, head_dim)
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)

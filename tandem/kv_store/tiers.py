@@ -136,10 +136,12 @@ class KVTiers:
         if not todo:
             return
         ids = torch.tensor([b for b, _ in todo], device=self.kv_cache.device)
-        kv = self.kv_cache.index_select(3, ids)
-        scale = self.kv_scale.index_select(3, ids) if self.kv_scale is not None else None
+        # Block-major copies, each block contiguous: the store thread then copies nothing with
+        # ATen (a parallel copy there would start a second OpenMP team; see AsyncEngine).
+        kv = self.kv_cache.movedim(3, 0)[ids]
+        scale = self.kv_scale.movedim(3, 0)[ids] if self.kv_scale is not None else None
         for i, (_, h) in enumerate(todo):
-            self._save(h, kv.select(3, i), scale.select(3, i) if scale is not None else None)
+            self._save(h, kv[i], scale[i] if scale is not None else None)
 
     def _save(self, block_hash: bytes, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
         with self._lock:
