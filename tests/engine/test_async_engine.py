@@ -152,3 +152,36 @@ def test_a_dying_step_loop_fails_running_and_queued_requests(engine, caplog):
 
     with pytest.raises(EngineDeadError):
         asyncio.run(after())
+
+
+def test_engine_is_built_on_the_thread_that_steps_it(tiny_dir, monkeypatch):
+    """One OpenMP team: loading on the caller's thread and stepping on another halved the CPU
+    step's speed (AsyncEngine's comment has the numbers)."""
+    import tandem.engine.async_engine as mod
+
+    built_on, stepped_on = [], []
+    real_init, real_step = mod.LLMEngine.__init__, mod.LLMEngine.step
+
+    def init(self, *a, **kw):
+        built_on.append(threading.current_thread().name)
+        real_init(self, *a, **kw)
+
+    def step(self):
+        stepped_on.append(threading.current_thread().name)
+        return real_step(self)
+
+    monkeypatch.setattr(mod.LLMEngine, "__init__", init)
+    monkeypatch.setattr(mod.LLMEngine, "step", step)
+    eng = AsyncEngine(EngineConfig(model=tiny_dir, dtype="float32", kv_cache_memory=2**20))
+    try:
+        asyncio.run(collect(eng, PROMPTS[0], "r"))
+    finally:
+        eng.shutdown()
+    assert built_on == ["tandem-engine"] and set(stepped_on) == {"tandem-engine"}
+
+
+def test_a_failed_build_raises_on_the_callers_thread(tiny_dir):
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        AsyncEngine(EngineConfig(model=tiny_dir, dtype="float32", kv_cache_memory=1))
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "tandem-engine"]
