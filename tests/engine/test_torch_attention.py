@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tandem.attention import torch_ref
 from tandem.attention.metadata import AttentionMetadata
 from tandem.attention.torch_ref import TorchAttention
+from tandem.engine.model_runner import additive
 
 KVH, GROUP, D, BS, BLOCKS = 3, 3, 16, 4, 256
 
@@ -33,8 +34,7 @@ def _decode_batch(n: int, dtype: torch.dtype, seed: int = 0):
         keys.append(k)
         values.append(v)
         slots.append(at[-1])
-    allowed = torch.arange(width * BS)[None, :] < torch.tensor(lens)[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    mask = additive(torch.arange(width * BS)[None, :] < torch.tensor(lens)[:, None], dtype)
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode=n,
                              decode_block_tables=tables, decode_mask=mask[None, :, None, :])
     q = torch.randn(n, KVH * GROUP, D, generator=g).to(dtype)
