@@ -5,16 +5,22 @@ No server, no client: the engine's own step, which BENCHMARKS.md's CPU decode nu
     .venv/bin/python benchmarks/decode_step.py --batches 1 16 64 --decode-weight-dtype float16
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --decode-weight-dtype auto
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --batches 1 --profile
+    .venv/bin/python benchmarks/decode_step.py --quantization gguf --other-thread
+    .venv/bin/python benchmarks/decode_step.py --quantization gguf --bmm-min-decodes 1000000
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from tandem import LLM, SamplingParams
+from tandem.attention import torch_ref
 from tandem.config import DECODE_WEIGHT_DTYPES, QUANTIZATIONS
 
 
@@ -38,6 +44,14 @@ def step_ms(llm: LLM, batch: int, steps: int, tag: str, profile: bool = False) -
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
                                         max_name_column_width=50))
     return statistics.median(times[-steps:]) * 1e3
+
+
+def on_another_thread(fn: Callable[[], float]) -> float:
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
 
 
 def prefill_tok_s(llm: LLM, prompts: int = 8, length: int = 512, rounds: int = 3) -> float:
@@ -65,17 +79,26 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print each batch's top ops")
     p.add_argument("--steps", type=int, default=10, help="decode steps in each median")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--other-thread", action="store_true",
+                   help="step on a second thread, not the one that loaded the model (what "
+                        "AsyncEngine did before it built the engine on its own thread)")
+    p.add_argument("--bmm-min-decodes", type=int, default=torch_ref.BMM_MIN_DECODES,
+                   help="decodes from which CPU attention uses batched matmuls, not SDPA")
     args = p.parse_args()
+    torch_ref.BMM_MIN_DECODES = args.bmm_min_decodes
     torch.set_num_threads(args.threads)
     llm = LLM("smollm2", dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype,
               quantization=args.quantization, dense_weight_copy=args.dense_weight_copy,
               enforce_eager=args.enforce_eager)
     print(f"dtype {args.dtype}, decode weights {args.decode_weight_dtype}, quantization "
           f"{args.quantization}, dense copy {args.dense_weight_copy}, "
-          f"{'eager' if args.enforce_eager else 'compiled'}, {args.threads} threads\n\n| batch | step ms | tok/s |\n"
+          f"{'eager' if args.enforce_eager else 'compiled'}, {args.threads} threads, stepped on "
+          f"{'another' if args.other_thread else 'the loading'} thread, batched-matmul "
+          f"attention from {args.bmm_min_decodes} decodes\n\n| batch | step ms | tok/s |\n"
           f"|---:|---:|---:|")
     for b in args.batches:
-        ms = step_ms(llm, b, args.steps, f"b{b}", args.profile)
+        run = functools.partial(step_ms, llm, b, args.steps, f"b{b}", args.profile)
+        ms = on_another_thread(run) if args.other_thread else run()
         print(f"| {b} | {ms:.1f} | {b / ms * 1e3:.1f} |", flush=True)
     if args.prefill:
         print(f"\nprefill of 8 x 512-token prompts: {prefill_tok_s(llm):.0f} tok/s")

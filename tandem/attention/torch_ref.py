@@ -9,8 +9,9 @@ from tandem.attention.kv_quant import read, write
 from tandem.attention.metadata import AttentionMetadata
 
 # From this many one-token decodes in a step, two batched matmuls beat the CPU's flash SDPA
-# kernel, which is built for long queries: 2 threads, 256-token contexts, bfloat16: 127 against
-# 245 us a layer at 16 decodes, 380 against 1,264 at 64; even at 8; float32 1.3-1.4x.
+# kernel, which is built for long queries (benchmarks/decode_attention.py, 2 threads, 256-token
+# contexts: bfloat16 79 against 110 us a layer at 8 decodes, 328 against 876 at 64; float32
+# 1.2-1.4x). Below it SDPA wins (23 against 45 us at one decode).
 BMM_MIN_DECODES = 8
 
 
