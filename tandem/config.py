@@ -85,9 +85,6 @@ class EngineConfig:
         if (self.kv_store or self.kv_host_memory) and not self.enable_prefix_caching:
             raise ValueError("kv_store: the KV tiers hold prefix-cached blocks; they need "
                              "prefix caching on")
-        if (self.kv_store or self.kv_host_memory) and self.tensor_parallel_size > 1:
-            raise ValueError("kv_store: the KV tiers (kv_host_memory, kv_store) are not "
-                             "implemented with tensor_parallel_size > 1 yet")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -87,6 +87,7 @@ class TPGroup:
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.tier_ops: list[list] = []  # run on rank 0, not yet sent (kv_store/tiers.py)
 
     def start(self, config: EngineConfig) -> torch.device:
         """Spawn this node's other ranks and join the group as rank 0."""
@@ -112,13 +113,45 @@ class TPGroup:
     def step(self, inputs: step.StepInputs) -> Iterator[None]:
         """Broadcast a step, then run it (the body) on this rank too, holding the lock so no
         keep-alive slips in between the collectives. Any failure ends the group."""
+        if self.size == 1:
+            yield
+            return
+        with self._collective():
+            self._send_tier_ops()
+            step.send(step.STEP, inputs, self.device)
+            yield
+
+    def record_tier_op(self, op: list) -> None:
+        """A KV tier operation rank 0 just ran, for the workers to repeat before the next
+        step (or flush)."""
+        if self.size > 1:
+            self.tier_ops.append(op)
+
+    def flush_tier_ops(self) -> None:
+        if self.size > 1 and self.tier_ops:
+            with self._collective():
+                self._send_tier_ops()
+
+    def loaded_min(self, load_id: int, wait_s: float, count: int) -> int:
+        """How many blocks of store load `load_id` every rank holds: this rank has `count`;
+        the workers wait up to `wait_s` for theirs."""
+        if self.size == 1:
+            return count
+        with self._collective():
+            self._send_tier_ops()
+            step.send(step.LOADED, None, self.device, (load_id, int(wait_s * 1000)))
+            return self.all_reduce_min(count)
+
+    def _send_tier_ops(self) -> None:
+        if self.tier_ops:
+            ops, self.tier_ops = self.tier_ops, []
+            step.send_tier_ops(ops, self.device)
+
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
         with self.lock:
-            if self.size == 1:
-                yield
-                return
             self._check()
             try:
-                step.send(step.STEP, inputs, self.device)
                 yield
             except Exception as e:  # noqa: BLE001 - a rank is gone or a collective timed out
                 self._fail(e)

@@ -3,15 +3,21 @@
 Rank 0 schedules; every rank runs the same forward pass. What a worker needs is the flat batch
 and what the attention metadata is built from, nothing else, sent as two broadcasts: a fixed
 header (command and sizes), then every field packed into one tensor. No pickle.
+
+The KV tiers add two commands (kv_store/tiers.py): TIER_OPS, the tier operations rank 0 ran
+since the last broadcast, as JSON, for every rank to repeat on its own heads in the same order;
+and LOADED, after which every rank all-reduces how many blocks of a store load it holds.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-STEP, KEEPALIVE, STOP = 0, 1, 2
+STEP, KEEPALIVE, STOP, TIER_OPS, LOADED = 0, 1, 2, 3, 4
 _HEADER = 8
 
 
@@ -50,22 +56,37 @@ class StepInputs:
         return cls(*parts)
 
 
-def send(cmd: int, inputs: StepInputs | None, device: torch.device) -> None:
+def send(cmd: int, inputs: StepInputs | None, device: torch.device,
+         args: tuple[int, ...] = ()) -> None:
     """Rank 0: tell every worker what to do next."""
     header = torch.zeros(_HEADER, dtype=torch.int64)
     header[0] = cmd
     if inputs is not None:
         header[1:7] = torch.tensor(inputs.sizes())
+    header[1:1 + len(args)] = torch.tensor(args, dtype=torch.int64)
     dist.broadcast(header.to(device), 0)
     if inputs is not None:
         dist.broadcast(inputs.pack().to(device), 0)
 
 
-def receive(device: torch.device) -> tuple[int, StepInputs | None]:
-    """Workers: the next command and, for a step, its inputs (on `device`)."""
+def send_tier_ops(ops: list[list], device: torch.device) -> None:
+    data = json.dumps(ops, separators=(",", ":")).encode()
+    send(TIER_OPS, None, device, (len(data),))
+    dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), 0)
+
+
+def receive(device: torch.device) -> tuple[int, Any]:
+    """Workers: the next command and what comes with it: a step's inputs (on `device`), the
+    tier operations, or a load's (id, seconds to wait for it); else None."""
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     dist.broadcast(header, 0)
     header = header.tolist()
+    if header[0] == TIER_OPS:
+        data = torch.empty(header[1], dtype=torch.uint8, device=device)
+        dist.broadcast(data, 0)
+        return TIER_OPS, json.loads(data.cpu().numpy().tobytes())
+    if header[0] == LOADED:
+        return LOADED, (header[1], header[2] / 1000)
     if header[0] != STEP:
         return header[0], None
     sizes = header[1:7]

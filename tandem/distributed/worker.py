@@ -35,6 +35,8 @@ def run_worker(config: EngineConfig, rank: int, local_rank: int) -> int:
     from tandem.distributed import step
     from tandem.distributed.group import TPGroup, init_process_group, local_device
     from tandem.engine.model_runner import ModelRunner
+    from tandem.kv_store.format import engine_model_id
+    from tandem.kv_store.tiers import make_tiers
     from tandem.loader.model_path import resolve_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -43,17 +45,27 @@ def run_worker(config: EngineConfig, rank: int, local_rank: int) -> int:
     folder = resolve_model(config.model)
     group = TPGroup(config)
     group.device = device
-    runner = ModelRunner(config, AutoConfig.from_pretrained(folder), folder, group, device)
-    while True:
-        try:
-            cmd, inputs = step.receive(device)
-        except Exception as e:  # noqa: BLE001 - rank 0 is gone or timed out: nothing to serve
-            logger.error("rank %d: lost rank 0 (%s); exiting", rank, e)
-            return 1
-        if cmd == step.STOP:
-            return 0
-        if cmd == step.STEP:
-            runner.run(inputs)
+    hf_config = AutoConfig.from_pretrained(folder)
+    runner = ModelRunner(config, hf_config, folder, group, device)
+    tiers = make_tiers(config, runner, engine_model_id(hf_config.to_dict(), runner.quantization))
+    try:
+        while True:
+            try:
+                cmd, payload = step.receive(device)
+            except Exception as e:  # noqa: BLE001 - rank 0 is gone or timed out: nothing to serve
+                logger.error("rank %d: lost rank 0 (%s); exiting", rank, e)
+                return 1
+            if cmd == step.STOP:
+                return 0
+            if cmd == step.STEP:
+                runner.run(payload)
+            elif cmd == step.TIER_OPS:
+                tiers.apply(payload)
+            elif cmd == step.LOADED:
+                group.all_reduce_min(tiers.op_loaded(*payload))
+    finally:
+        if tiers is not None:
+            tiers.close()
 
 
 def run_node(config: EngineConfig) -> int:

@@ -8,6 +8,9 @@ host memory (copied in at once), then in the store: that load runs on a reader t
 request waits in the queue and other requests keep stepping. A missing or unusable block ends
 the chain; the rest is computed as usual.
 
+With tensor parallelism every rank keeps its own heads of each block in its own host pool and
+under its own store keys; rank 0 decides and the workers repeat (KVTiers).
+
 Store I/O never runs on the engine thread. Every store call is bounded by --kv-store-timeout;
 failures trip a circuit breaker that skips the store for a while; and a request waits for a
 load no longer than the timeout nor than recomputing those tokens would take, so a sick store
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.config import dtype_name
+from tandem.distributed.group import TPGroup
 from tandem.distributed.parallel_state import tp_rank, tp_size
 from tandem.engine.kv_cache import KVCacheManager, cdiv
 from tandem.engine.request import Request
@@ -80,18 +84,49 @@ class TierStats:
 
 @dataclass
 class _Load:
-    future: Future
+    load_id: int
     hashes: list[bytes]
     deadline: float
 
 
+# Where copied-out blocks wait to be installed: host-memory hits, or store load number N >= 0.
+HOST = -1
+BlockData = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _wire(x):
+    """Tier operation arguments as JSON for the workers: block hashes become hex strings."""
+    if isinstance(x, bytes):
+        return x.hex()
+    if isinstance(x, (list, tuple)):
+        return [_wire(v) for v in x]
+    return x
+
+
+def _unwire(x):
+    if isinstance(x, str):
+        return bytes.fromhex(x)
+    if isinstance(x, list):
+        return [_unwire(v) for v in x]
+    return x
+
+
 class KVTiers:
+    """Rank 0 decides (prepare, on_evict, on_computed); what touches K/V, host memory or the
+    store is an operation (the op_ methods) that every tensor-parallel rank runs on its own
+    heads, in the order rank 0 ran it: rank 0 records each for the workers, which repeat them
+    before the next step. Each rank writes and reads its own store keys (the layout names the
+    rank); a store load is used up to the shortest chain any rank found."""
+
+    OPS = ("evict", "computed", "host_get", "copy", "fetch", "drop")
+
     def __init__(self, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
                  layout: BlockLayout, host_blocks: int, store: KVStore | None,
                  timeout: float, write_through: bool,
-                 on_shared: Callable[[bytes], None] | None = None):
+                 on_shared: Callable[[bytes], None] | None = None, group: TPGroup | None = None):
         self.kv_cache, self.kv_scale, self.layout = kv_cache, kv_scale, layout
         self.on_shared = on_shared  # a block is in the store now (for the router's events)
+        self.group = group or TPGroup()
         self.host = (HostPool(host_blocks, layout.kv_shape, kv_cache.dtype,
                               kv_scale.dtype if kv_scale is not None else None,
                               pin=kv_cache.is_cuda) if host_blocks else None)
@@ -100,7 +135,10 @@ class KVTiers:
         self.block_bytes = (kv_cache[:, :, :, 0].numel() * kv_cache.element_size()
                             + (kv_scale[:, :, :, 0].numel() * kv_scale.element_size()
                                if kv_scale is not None else 0))
-        self.loads: dict[str, _Load] = {}
+        self.loads: dict[str, _Load] = {}  # by request id (rank 0)
+        self.fetches: dict[int, Future] = {}  # by load id (every rank)
+        self.staged: dict[int, list[BlockData]] = {}  # HOST or load id -> blocks to install
+        self._next_load = 0
         self.prefill_seconds_per_token: float | None = None
         self._lock = threading.Lock()  # breaker, known-stored set, pending bytes
         self.breaker = CircuitBreaker(failure_threshold=3, open_seconds=5.0, success_threshold=1)
@@ -109,14 +147,30 @@ class KVTiers:
         self._reader = ThreadPoolExecutor(1, "tandem-kv-load") if store else None
         self._writer = ThreadPoolExecutor(1, "tandem-kv-save") if store else None
 
-    # -- down the tiers (engine thread) --
+    def _op(self, name: str, *args):
+        """Run a tier operation here, and have the other ranks run it too."""
+        if self.group.size > 1:
+            self.group.record_tier_op([name, *_wire(args)])
+        return getattr(self, "op_" + name)(*args)
 
-    def _block(self, block_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(self, ops: list[list]) -> None:
+        """A worker: repeat the operations rank 0 ran, in order."""
+        for name, *args in ops:
+            if name not in self.OPS:
+                raise ValueError(f"unknown KV tier operation {name!r}")
+            getattr(self, "op_" + name)(*_unwire(args))
+
+    # -- down the tiers --
+
+    def _block(self, block_id: int) -> BlockData:
         scale = self.kv_scale[:, :, :, block_id] if self.kv_scale is not None else None
         return self.kv_cache[:, :, :, block_id], scale
 
     def on_evict(self, block_id: int, block_hash: bytes) -> None:
         """The pool is about to reuse a cached block: keep its K/V in the tier below."""
+        self._op("evict", block_id, block_hash)
+
+    def op_evict(self, block_id: int, block_hash: bytes) -> None:
         kv, scale = self._block(block_id)
         if self.host is not None:
             evicted = self.host.put(block_hash, kv, scale)
@@ -129,8 +183,12 @@ class KVTiers:
     def on_computed(self, blocks: list[tuple[int, bytes]]) -> None:
         """Write-through: blocks a step just filled go to the store now (copied here, written
         by the store thread)."""
-        if self.store is None or not self.write_through:
+        if self.store is None or not self.write_through or not blocks:
             return
+        self._op("computed", blocks)
+        self.group.flush_tier_ops()  # other replicas should see every rank's share early
+
+    def op_computed(self, blocks: list[tuple[int, bytes]]) -> None:
         with self._lock:
             todo = [(b, h) for b, h in blocks if h not in self._known_stored]
         if not todo:
@@ -193,32 +251,29 @@ class KVTiers:
         request waits, and is asked about again on later steps."""
         load = self.loads.get(req.request_id)
         if load is not None:
-            if not load.future.done():
-                if time.monotonic() < load.deadline:
-                    return False
+            now = time.monotonic()
+            done = self.fetches[load.load_id].done()
+            if not done and now < load.deadline:
+                return False
+            if not done:
                 self.stats.bump("load_timeouts")  # recompute; the late answer is dropped
-            else:
-                self._install(req, kv, load.hashes, load.future.result())
             del self.loads[req.request_id]
+            n = self.group.loaded_min(load.load_id, max(0.0, load.deadline - now),
+                                      self.op_loaded(load.load_id, 0))
+            self._install(req, kv, load.hashes[:n], load.load_id)
+            self._op("drop", load.load_id)
             return True
         computed = kv.get_computed_blocks(req)
         hashes = req.block_hashes[len(computed):(req.num_tokens - 1) // kv.block_size]
         if not hashes:
             return True
         if self.host is not None:
-            found = []
-            for h in hashes:
-                data = self.host.get(h)
-                if data is None:
-                    self.stats.add("misses", "host")
-                    break
-                # Copied out: installing evicts pool blocks into this same host pool.
-                found.append((data[0].clone(), data[1].clone() if data[1] is not None else None))
-            self.stats.add("hits", "host", len(found))
-            self.stats.add("loaded_bytes", "host", len(found) * self.block_bytes)
-            if self._install(req, kv, hashes[:len(found)], found) < len(found):
+            n = self._op("host_get", hashes)
+            installed = self._install(req, kv, hashes[:n], HOST)
+            self._op("drop", HOST)
+            if installed < n:
                 return True  # no room for more
-            hashes = hashes[len(found):]
+            hashes = hashes[n:]
         if not hashes or self.store is None or req.kv_store_checked or not self._allow():
             return True
         req.kv_store_checked = True
@@ -226,30 +281,65 @@ class KVTiers:
         if self.prefill_seconds_per_token is not None:
             recompute = len(hashes) * kv.block_size * self.prefill_seconds_per_token
             wait_for = min(wait_for, recompute)
-        future = self._reader.submit(self._fetch, hashes)
-        self.loads[req.request_id] = _Load(future, hashes, time.monotonic() + wait_for)
+        load_id, self._next_load = self._next_load, self._next_load + 1
+        self._op("fetch", load_id, hashes)
+        self.group.flush_tier_ops()  # the other ranks start reading now
+        self.loads[req.request_id] = _Load(load_id, hashes, time.monotonic() + wait_for)
         return False
 
-    def _install(self, req: Request, kv: KVCacheManager, hashes: list[bytes],
-                 blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
-        """Copy loaded blocks into free pool blocks named by their hashes, leaving room for the
-        request's own tail; how many were installed."""
+    def op_host_get(self, hashes: list[bytes]) -> int:
+        """Stage copies of the chain's longest prefix in host memory (copied out: installing
+        evicts pool blocks into this same host pool); how many."""
+        found = []
+        for h in hashes:
+            data = self.host.get(h)
+            if data is None:
+                self.stats.add("misses", "host")
+                break
+            found.append((data[0].clone(), data[1].clone() if data[1] is not None else None))
+        self.stats.add("hits", "host", len(found))
+        self.stats.add("loaded_bytes", "host", len(found) * self.block_bytes)
+        self.staged[HOST] = found
+        return len(found)
+
+    def op_fetch(self, load_id: int, hashes: list[bytes]) -> None:
+        self.fetches[load_id] = self._reader.submit(self._fetch, hashes)
+
+    def op_loaded(self, load_id: int, wait_s: float) -> int:
+        """Stage what store load `load_id` found, waiting up to `wait_s` for it; how many."""
+        try:
+            self.staged[load_id] = self.fetches[load_id].result(timeout=wait_s)
+        except TimeoutError:
+            self.staged[load_id] = []
+        return len(self.staged[load_id])
+
+    def op_copy(self, src: int, index: int, block_id: int) -> None:
+        data, scale = self.staged[src][index]
+        self.kv_cache[:, :, :, block_id] = data.to(self.kv_cache.device)
+        if scale is not None:
+            self.kv_scale[:, :, :, block_id] = scale.to(self.kv_scale.device)
+
+    def op_drop(self, src: int) -> None:
+        self.staged.pop(src, None)
+        self.fetches.pop(src, None)  # a load still running: its answer is ignored
+
+    def _install(self, req: Request, kv: KVCacheManager, hashes: list[bytes], src: int) -> int:
+        """Name free pool blocks by the staged blocks' hashes and copy them in, leaving room
+        for the request's own tail; how many were installed."""
         computed = kv.get_computed_blocks(req)
         keep = set(computed)
         tail = cdiv(req.num_tokens, kv.block_size) - len(computed) - len(hashes)
         room = kv.num_free_blocks - sum(kv.ref_counts[b] == 0 for b in computed) - max(tail, 0)
         n = 0
-        for h, (data, scale) in zip(hashes[:max(room, 0)], blocks):
-            block_id, fresh = kv.install(h, keep)
+        for i, h in enumerate(hashes[:max(room, 0)]):
+            block_id, fresh = kv.install(h, keep)  # may evict: an op that runs first
             if fresh:
-                self.kv_cache[:, :, :, block_id] = data.to(self.kv_cache.device)
-                if scale is not None:
-                    self.kv_scale[:, :, :, block_id] = scale.to(self.kv_scale.device)
+                self._op("copy", src, i, block_id)
             keep.add(block_id)
             n += 1
         return n
 
-    def _fetch(self, hashes: list[bytes]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _fetch(self, hashes: list[bytes]) -> list[BlockData]:
         """Reader thread: the chain's longest prefix the store holds, decoded and checked."""
         start = time.monotonic()
         try:
@@ -283,13 +373,16 @@ class KVTiers:
 
     def forget(self, req: Request) -> None:
         """The request left the queue (aborted, finished): stop waiting for its load."""
-        self.loads.pop(req.request_id, None)
+        load = self.loads.pop(req.request_id, None)
+        if load is not None:
+            self._op("drop", load.load_id)
 
     def wait(self, timeout: float) -> None:
         """Block the engine thread up to `timeout` for a load to finish, when it has nothing
         else to step."""
         if self.loads:
-            wait([load.future for load in self.loads.values()], timeout, FIRST_COMPLETED)
+            wait([self.fetches[load.load_id] for load in self.loads.values()], timeout,
+                 FIRST_COMPLETED)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """Prefill speed, from steps of many tokens: what a load must beat to be worth waiting
@@ -338,7 +431,8 @@ class KVTiers:
 
 def make_tiers(config: EngineConfig, runner: ModelRunner, model_id: str,
                on_shared: Callable[[bytes], None] | None = None) -> KVTiers | None:
-    """The tiers `config` asks for, below `runner`'s pool; None when it asks for none."""
+    """The tiers `config` asks for, below `runner`'s pool (this rank's heads of it); None when
+    it asks for none."""
     if not (config.kv_host_memory or config.kv_store):
         return None
     attn = runner.attn_layers[0]
@@ -353,4 +447,4 @@ def make_tiers(config: EngineConfig, runner: ModelRunner, model_id: str,
                          f"{runner.bytes_per_block} bytes")
     store = open_store(config.kv_store, config.kv_store_timeout) if config.kv_store else None
     return KVTiers(runner.kv_cache, scale, layout, host_blocks, store, config.kv_store_timeout,
-                   config.kv_store_write_through, on_shared)
+                   config.kv_store_write_through, on_shared, runner.group)

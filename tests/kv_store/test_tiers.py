@@ -11,94 +11,32 @@ the module's redis-server."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from kv_store_helpers import sleep_redis
+from kv_store_helpers import (
+    BLOCK,
+    BLOCK_BYTES,
+    LONG_BLOCKS,
+    POOL,
+    Snapshot,
+    assert_no_leak,
+    chain,
+    drain,
+    evict_to_host,
+    generate,
+    metric,
+    prompt,
+    sleep_redis,
+    wait_until,
+)
 from redis_service import RedisServer, need
 
-from tandem import LLM, SamplingParams
+from tandem import LLM
 from tandem.config import EngineConfig
-from tandem.engine.kv_cache import hash_block
 from tandem.engine.stats import StatsLogger
 from tandem.server.metrics import render_metrics
-
-BLOCK = 16
-BLOCK_BYTES = 737_280  # one float32 SmolLM2 block: 2 x 30 layers x 3 KV heads x 16 x 64 x 4
-POOL = 100 * BLOCK_BYTES  # room for every prompt a module engine sees: nothing is evicted
-LONG = 300
-LONG_BLOCKS = (LONG - 1) // BLOCK  # the last prompt token is always recomputed: 18 blocks
-PARAMS = SamplingParams(max_tokens=8, temperature=0)
-COUNTERS = ("hits", "misses", "loaded_bytes", "saved_bytes", "store_errors", "dropped")
-
-
-def prompt(start: int, n: int = LONG) -> list[int]:
-    return list(range(start, start + n))
-
-
-def chain(ids: list[int]) -> list[bytes]:
-    """The hashes of the prompt's full blocks, as every engine computes them."""
-    hashes: list[bytes] = []
-    for i in range(len(ids) // BLOCK):
-        hashes.append(hash_block(hashes[-1] if hashes else None, ids[i * BLOCK:(i + 1) * BLOCK]))
-    return hashes
-
-
-def generate(llm: LLM, ids: list[int]) -> tuple[list[int], int]:
-    out = llm.generate([{"prompt_token_ids": ids}], PARAMS)[0]
-    assert out.finished
-    return list(out.outputs[0].token_ids), out.num_cached_tokens
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def drain(llm: LLM) -> None:
-    """Writes to the store are asynchronous: wait until every queued block is written (a
-    second engine must find them, and the writer's counters must be final)."""
-    tiers = llm.engine.tiers
-    wait_until(lambda: tiers._pending_bytes == 0, "the store writes")
-
-
-class Snapshot:
-    """An engine's tier counters now, to compare with later."""
-
-    def __init__(self, llm: LLM):
-        self.llm = llm
-        t = llm.engine.tiers.stats
-        self.counts = {name: Counter(getattr(t, name)) for name in COUNTERS}
-        self.load_timeouts, self.writes_dropped = t.load_timeouts, t.writes_dropped
-
-    def delta(self, name: str) -> Counter:
-        now = Counter(getattr(self.llm.engine.tiers.stats, name))
-        now.subtract(self.counts[name])
-        return now
-
-    @property
-    def new_load_timeouts(self) -> int:
-        return self.llm.engine.tiers.stats.load_timeouts - self.load_timeouts
-
-
-def assert_no_leak(*llms: LLM) -> None:
-    for llm in llms:
-        kv = llm.engine.kv
-        assert not llm.engine.has_unfinished_requests()
-        assert kv.num_free_blocks == kv.num_blocks, "a KV block is still referenced"
-        assert all(r == 0 for r in kv.ref_counts)
-        assert not llm.engine.tiers.loads if llm.engine.tiers else True
-
-
-def metric(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{sample} not in the metrics")
 
 
 @pytest.fixture(scope="module")
@@ -311,13 +249,7 @@ def test_host_memory_brings_back_evicted_blocks(engines):
     p, q = prompt(5000), prompt(6000)
     first, cached = generate(llm, p)
     assert cached == 0
-    generate(llm, q)  # 20 blocks of its own: most of p's are evicted to host memory
-    hashes = chain(p)[:LONG_BLOCKS]
-    in_pool = 0
-    while in_pool < len(hashes) and hashes[in_pool] in kv.cached:
-        in_pool += 1
-    assert in_pool < LONG_BLOCKS - 5
-    assert all(h in tiers.host for h in hashes[in_pool:])
+    in_pool = evict_to_host(llm, p, q)  # q has 20 blocks of its own
     assert tiers.stats.saved_bytes["host"] >= (LONG_BLOCKS - in_pool) * BLOCK_BYTES
 
     before = Snapshot(llm)
@@ -395,8 +327,6 @@ def test_dead_redis_store_costs_hit_rate_not_requests(ref, redis_mod, redis_read
 @pytest.mark.parametrize("kwargs, field", [
     ({"kv_store_write_through": True}, "kv_store_write_through"),
     ({"kv_store": "file:///tmp/kv", "enable_prefix_caching": False}, "kv_store"),
-    ({"kv_store": "file:///tmp/kv", "tensor_parallel_size": 2}, "kv_store"),
-    ({"kv_host_memory": "1GiB", "tensor_parallel_size": 2}, "kv_store"),
     ({"kv_store": "file:///tmp/kv", "kv_store_timeout": 0}, "kv_store_timeout"),
     ({"kv_store": "file:///tmp/kv", "kv_store_timeout": 61}, "kv_store_timeout"),
     ({"kv_store": "file:///tmp/kv", "kv_store_timeout": "1"}, "kv_store_timeout"),
