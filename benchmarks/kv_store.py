@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -45,6 +46,7 @@ from router_cache import Request, Workload, drive, pct, replicas, routes  # isor
 from router_cache import wait_routable, warm_replicas  # isort: skip
 from router_peers import exit_on_sigterm, process, tandem_router, wait_for  # isort: skip
 
+PARTS = ("cross", "routed", "unique")
 SAMPLE = re.compile(r'^tandem:(\w+)(?:\{([^}]*)\})?\s+(\S+)$')
 
 
@@ -68,10 +70,11 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 
 @contextmanager
-def redis(enabled: bool) -> Iterator[str | None]:
-    """An empty redis-server on a free loopback port, nothing persisted; None when off."""
+def redis(enabled: bool) -> Iterator[tuple[str | None, int | None]]:
+    """An empty redis-server on a free loopback port, nothing persisted: its URL and PID;
+    (None, None) when off."""
     if not enabled:
-        yield None
+        yield None, None
         return
     binary = shutil.which("redis-server")
     if binary is None:
@@ -83,9 +86,18 @@ def redis(enabled: bool) -> Iterator[str | None]:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until_ready(f"127.0.0.1:{port}", proc, _pong, timeout=30)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", proc.pid
         finally:
             stop_process(proc)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a process has used so far (Linux /proc); 0 for no process."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pong(addr: str) -> bool:
@@ -142,7 +154,7 @@ def streamed(url: str, prompts: list[str], model: str, output_len: int,
 def cross(args: argparse.Namespace, tokenizer, store: bool) -> dict:
     prompts = group_prompts(tokenizer, args.groups, 2, args.prefix_len, args.question_len,
                             args.seed)
-    with redis(store) as url, replicas(2, args.model, store_args(url, args),
+    with redis(store) as (url, _), replicas(2, args.model, store_args(url, args),
                                        args.replica_threads) as started:
         urls = [u for _, u in started]
         for proc, u in started:
@@ -171,7 +183,7 @@ def routed(args: argparse.Namespace, tokenizer, store: bool) -> dict:
     prompts = [p for g in groups for p in g]
     random.Random(args.seed).shuffle(prompts)
     with ExitStack() as stack:
-        url = stack.enter_context(redis(store))
+        url, _ = stack.enter_context(redis(store))
         started = stack.enter_context(replicas(2, args.model, store_args(url, args),
                                                args.replica_threads))
         urls = [u for _, u in started]
@@ -204,15 +216,21 @@ def unique(args: argparse.Namespace, tokenizer, store: bool) -> dict:
 
     words = one_token_words(tokenizer)
     prompts = ["".join(rng.choices(words, k=args.unique_len)) for _ in range(args.unique_n)]
-    with redis(store) as url, replicas(1, args.model, store_args(url, args),
-                                       2 * args.replica_threads) as started:
+    with redis(store) as (url, redis_pid), replicas(1, args.model, store_args(url, args),
+                                                    2 * args.replica_threads) as started:
         (proc, u), = started
         wait_for(u, proc, answers_ready)
         warm_replicas([u], args.model)
+        # CPU time as well as throughput: on a shared machine wall-clock noise is larger than
+        # the 3% bound, while what the store costs shows up as CPU the replica (copies, the
+        # writer thread) and redis-server (on the same cores here) spend.
+        cpu0 = cpu_seconds(proc.pid), cpu_seconds(redis_pid)
         wall, results = streamed(u, prompts, args.model, args.output_len, args.concurrency)
+        replica_cpu, redis_cpu = cpu_seconds(proc.pid) - cpu0[0], cpu_seconds(redis_pid) - cpu0[1]
         d = counters(u)
     ok = [r for r in results if not r.error]
     return {"output_tok_s": sum(r.output_tokens for r in ok) / wall, "wall_s": wall,
+            "replica_cpu_s": replica_cpu, "redis_cpu_s": redis_cpu,
             "errors": len(results) - len(ok),
             "store_saved_mb": d.get('kv_tier_saved_bytes_total[tier="store"]', 0.0) / 1e6,
             "writes_dropped": d.get("kv_store_writes_dropped_total", 0.0)}
@@ -221,51 +239,65 @@ def unique(args: argparse.Namespace, tokenizer, store: bool) -> dict:
 def report(runs: dict[str, list[dict]], args: argparse.Namespace, took: float) -> str:
     m = {k: {f: median([r[f] for r in v]) for f in v[0] if not isinstance(v[0][f], list)}
          for k, v in runs.items()}
+
+    def pairs(kind: str) -> list[tuple[dict, dict]]:
+        return list(zip(runs[f"{kind}-off"], runs[f"{kind}-on"]))
+
     info = machine()
-    speedup = median([off["ttft_b_p50_ms"] / on["ttft_b_p50_ms"]
-                      for off, on in zip(runs["cross-off"], runs["cross-on"])])
-    loss = median([1 - on["output_tok_s"] / off["output_tok_s"]
-                   for off, on in zip(runs["unique-off"], runs["unique-on"])])
-    lines = [
-        (f"Machine: {info['cpu']}; flags: {info['flags']}; {info['cores']} cores. "
-        f"Model {args.model}, --kv-cache-dtype {args.kv_cache_dtype} "
-        f"{args.replica_args}; replicas with {args.replica_threads} torch thread(s) each; "
-        f"{len(runs['cross-on'])} run(s), medians; took {took / 60:.1f} min."),
-        "",
-        (f"Cross-replica ({args.groups} groups, {args.prefix_len}-token prefix + "
-        f"{args.question_len}-token question; A computes, then B gets another question):"),
-        "",
-        ("| store | A TTFT p50 (ms) | B TTFT p50 (ms) | B TTFT p99 (ms) | B store hit blocks | "
-        "B MB loaded | B prefix hit rate |"),
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for mode in ("off", "on"):
-        r = m[f"cross-{mode}"]
-        lines.append(f"| {mode} | {r['ttft_a_p50_ms']:.0f} | {r['ttft_b_p50_ms']:.0f} | "
-                     f"{r['ttft_b_p99_ms']:.0f} | {r['b_store_hit_blocks']:.0f} | "
-                     f"{r['b_store_loaded_mb']:.1f} | {100 * r['b_prefix_hit_rate']:.1f}% |")
-    lines += ["", f"B's TTFT p50, recompute / store load: **{speedup:.1f}x** (target >= 10x).",
-              "", (f"Routed (`tandem route --policy cache_aware --tokenizer`, 2 replicas, "
-              f"{args.groups} x {args.per_group} requests, concurrency {args.concurrency}, "
-              f"{args.output_len} tokens out):"), "",
-              ("| store | TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | prefix hit rate | store hit "
-              "blocks | MB loaded | MB written | errors |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for mode in ("off", "on"):
-        r = m[f"routed-{mode}"]
-        lines.append(f"| {mode} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-                     f"{r['wall_s']:.1f} | {100 * r['prefix_hit_rate']:.1f}% | "
-                     f"{r['store_hit_blocks']:.0f} | {r['store_loaded_mb']:.1f} | "
-                     f"{r['store_saved_mb']:.1f} | {r['errors']:.0f} |")
-    lines += ["", (f"No shared prefixes (1 replica, {args.unique_n} prompts of {args.unique_len} "
-              f"tokens, {args.output_len} out, concurrency {args.concurrency}; medians of "
-              f"{len(runs['unique-on'])} off/on pairs):"), "",
-              "| store | output tok/s | MB written | writes dropped |", "|---|---:|---:|---:|"]
-    for mode in ("off", "on"):
-        r = m[f"unique-{mode}"]
-        lines.append(f"| {mode} | {r['output_tok_s']:.1f} | {r['store_saved_mb']:.1f} | "
-                     f"{r['writes_dropped']:.0f} |")
-    lines += ["", f"Throughput lost to the store: **{100 * loss:.1f}%** (target <= 3%)."]
+    lines = [(f"Machine: {info['cpu']}; flags: {info['flags']}; {info['cores']} cores. "
+              f"Model {args.model}, --kv-cache-dtype {args.kv_cache_dtype} "
+              f"{args.replica_args}; replicas with {args.replica_threads} torch thread(s) each; "
+              f"{args.runs} run(s) of {', '.join(args.parts)}, medians; "
+              f"took {took / 60:.1f} min.")]
+    if "cross" in args.parts:
+        speedup = median([off["ttft_b_p50_ms"] / on["ttft_b_p50_ms"]
+                          for off, on in pairs("cross")])
+        lines += ["", (f"Cross-replica ({args.groups} groups, {args.prefix_len}-token prefix + "
+                  f"{args.question_len}-token question; A computes, then B gets another "
+                  f"question):"), "",
+                  ("| store | A TTFT p50 (ms) | B TTFT p50 (ms) | B TTFT p99 (ms) | B store hit "
+                   "blocks | B MB loaded | B prefix hit rate |"),
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("off", "on"):
+            r = m[f"cross-{mode}"]
+            lines.append(f"| {mode} | {r['ttft_a_p50_ms']:.0f} | {r['ttft_b_p50_ms']:.0f} | "
+                         f"{r['ttft_b_p99_ms']:.0f} | {r['b_store_hit_blocks']:.0f} | "
+                         f"{r['b_store_loaded_mb']:.1f} | {100 * r['b_prefix_hit_rate']:.1f}% |")
+        lines += ["", (f"B's TTFT p50, recompute / store load: **{speedup:.1f}x** "
+                  "(target >= 10x).")]
+    if "routed" in args.parts:
+        lines += ["", (f"Routed (`tandem route --policy cache_aware --tokenizer`, 2 replicas, "
+                  f"{args.groups} x {args.per_group} requests, concurrency {args.concurrency}, "
+                  f"{args.output_len} tokens out):"), "",
+                  ("| store | TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | prefix hit rate | store "
+                   "hit blocks | MB loaded | MB written | errors |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("off", "on"):
+            r = m[f"routed-{mode}"]
+            lines.append(f"| {mode} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                         f"{r['wall_s']:.1f} | {100 * r['prefix_hit_rate']:.1f}% | "
+                         f"{r['store_hit_blocks']:.0f} | {r['store_loaded_mb']:.1f} | "
+                         f"{r['store_saved_mb']:.1f} | {r['errors']:.0f} |")
+    if "unique" in args.parts:
+        loss = median([1 - on["output_tok_s"] / off["output_tok_s"]
+                       for off, on in pairs("unique")])
+        lines += ["", (f"No shared prefixes (1 replica, {args.unique_n} prompts of "
+                  f"{args.unique_len} tokens, {args.output_len} out, concurrency "
+                  f"{args.concurrency}; medians of {len(runs['unique-on'])} off/on pairs):"), "",
+                  ("| store | output tok/s | wall (s) | replica CPU (s) | redis-server CPU (s) "
+                   "| MB written | writes dropped |"), "|---|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("off", "on"):
+            r = m[f"unique-{mode}"]
+            lines.append(f"| {mode} | {r['output_tok_s']:.1f} | {r['wall_s']:.1f} | "
+                         f"{r['replica_cpu_s']:.1f} | {r['redis_cpu_s']:.1f} | "
+                         f"{r['store_saved_mb']:.1f} | {r['writes_dropped']:.0f} |")
+        losses = ", ".join(f"{100 * (1 - on['output_tok_s'] / off['output_tok_s']):.1f}%"
+                           for off, on in pairs("unique"))
+        extra_cpu = median([(on["replica_cpu_s"] + on["redis_cpu_s"]) / off["replica_cpu_s"] - 1
+                            for off, on in pairs("unique")])
+        lines += ["", (f"Throughput lost to the store: **{100 * loss:.1f}%** (target <= 3%); "
+                  f"by pair: {losses}. CPU the store adds (replica and redis-server, on "
+                  f"against off): {100 * extra_cpu:+.1f}%.")]
     return "\n".join(lines)
 
 
@@ -288,6 +320,8 @@ def main() -> None:
     p.add_argument("--replica-threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="which measurements to run")
     p.add_argument("--quick", action="store_true", help="2 groups, 500-token prefixes")
     p.add_argument("--json", help="write every raw number here")
     args = p.parse_args()
@@ -301,6 +335,8 @@ def main() -> None:
     for i in range(args.runs):
         for kind, fn, reps in (("cross", cross, 1), ("routed", routed, 1),
                                ("unique", unique, args.unique_repeats)):
+            if kind not in args.parts:
+                continue
             for r in range(reps):
                 # Alternate which goes first, against drift on a shared machine.
                 modes = (False, True) if (i + r) % 2 == 0 else (True, False)

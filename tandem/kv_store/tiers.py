@@ -198,20 +198,27 @@ class KVTiers:
         # ATen (a parallel copy there would start a second OpenMP team; see AsyncEngine).
         kv = self.kv_cache.movedim(3, 0)[ids]
         scale = self.kv_scale.movedim(3, 0)[ids] if self.kv_scale is not None else None
-        for i, (_, h) in enumerate(todo):
-            self._save(h, kv[i], scale[i] if scale is not None else None)
+        self._save_many([(h, kv[i], scale[i] if scale is not None else None)
+                         for i, (_, h) in enumerate(todo)])
 
     def _save(self, block_hash: bytes, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
+        self._save_many([(block_hash, kv, scale)])
+
+    def _save_many(self, blocks: list[tuple[bytes, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Queue blocks for the store thread, which writes them in one call."""
+        todo = []
         with self._lock:
-            if block_hash in self._known_stored:
-                return
-            if self._pending_bytes + self.block_bytes > MAX_PENDING_WRITE_BYTES:
-                self.stats.bump("writes_dropped")
-                return
-            self._pending_bytes += self.block_bytes
-            self._remember(block_hash)  # so the same block is not queued twice
-        self._writer.submit(self._write, block_hash, kv.cpu(),
-                            scale.cpu() if scale is not None else None)
+            for h, kv, scale in blocks:
+                if h in self._known_stored:
+                    continue
+                if self._pending_bytes + self.block_bytes > MAX_PENDING_WRITE_BYTES:
+                    self.stats.bump("writes_dropped")
+                    continue
+                self._pending_bytes += self.block_bytes
+                self._remember(h)  # so the same block is not queued twice
+                todo.append((h, kv.cpu(), scale.cpu() if scale is not None else None))
+        if todo:
+            self._writer.submit(self._write, todo)
 
     def _remember(self, block_hash: bytes) -> None:
         self._known_stored[block_hash] = None
@@ -219,29 +226,32 @@ class KVTiers:
         if len(self._known_stored) > MAX_KNOWN_STORED:
             self._known_stored.popitem(last=False)
 
-    def _write(self, block_hash: bytes, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
+    def _write(self, blocks: list[tuple[bytes, torch.Tensor, torch.Tensor | None]]) -> None:
         ok = False
         try:
             if not self._allow():
-                self.stats.bump("writes_dropped")
+                for _ in blocks:
+                    self.stats.bump("writes_dropped")
                 return
-            value = encode(self.layout, block_hash, kv, scale)
-            self.store.put(self.layout.key(block_hash), value)
+            values = [encode(self.layout, h, kv, scale) for h, kv, scale in blocks]
+            self.store.put_many([(self.layout.key(h), v) for (h, _, _), v in zip(blocks, values)])
             self._record(True)
-            self.stats.add("saved_bytes", "store", len(value))
+            self.stats.add("saved_bytes", "store", sum(map(len, values)))
             ok = True
             if self.on_shared is not None:
-                self.on_shared(block_hash)
+                for h, _, _ in blocks:
+                    self.on_shared(h)
         except StoreError as e:
             self._record(False, e)
             self.stats.add("store_errors", "put")
-        except Exception:  # a bug here must cost one block, never the writer thread
-            logger.exception("kv store: writing a block failed")
+        except Exception:  # a bug here must cost these blocks, never the writer thread
+            logger.exception("kv store: writing blocks failed")
         finally:
             with self._lock:
-                self._pending_bytes -= self.block_bytes
+                self._pending_bytes -= len(blocks) * self.block_bytes
                 if not ok:
-                    self._known_stored.pop(block_hash, None)
+                    for h, _, _ in blocks:
+                        self._known_stored.pop(h, None)
 
     # -- up the tiers --
 

@@ -38,6 +38,8 @@ def test_file_store_reads_what_it_wrote(file_store):
     file_store.put(KEY, b"two")  # replaces
     assert file_store.get_many([KEY]) == [b"two"]
     assert file_store.get_many([]) == []
+    file_store.put_many([(KEY, b"three"), (OTHER, b"four")])
+    assert file_store.get_many([KEY, OTHER]) == [b"three", b"four"]
     assert not stray_files(file_store.root)
     file_store.close()
 
@@ -140,6 +142,8 @@ def test_redis_store_reads_what_it_wrote(redis_server):  # noqa: F811
     store.put(KEY, b"replaced")
     assert store.get_many([KEY]) == [b"replaced"]
     assert redis_server.client().get(KEY) == b"replaced"  # under the key itself, as is
+    store.put_many([(OTHER, big), (KEY, b"piped")])  # one pipelined round trip
+    assert store.get_many([KEY, OTHER]) == [b"piped", big]
     store.close()
 
 
@@ -147,7 +151,8 @@ def test_redis_store_down_fails_fast_and_recovers(redis_server):  # noqa: F811
     store = open_store(redis_server.url, 0.5)
     store.put(KEY, b"before")
     redis_server.kill()
-    for call in (lambda: store.get_many([KEY]), lambda: store.put(KEY, b"x")):
+    for call in (lambda: store.get_many([KEY]), lambda: store.put(KEY, b"x"),
+                 lambda: store.put_many([(KEY, b"x"), (OTHER, b"y")])):
         start = time.monotonic()
         with pytest.raises(StoreError, match=f"127.0.0.1:{redis_server.port}"):
             call()
