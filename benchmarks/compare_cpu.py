@@ -92,6 +92,12 @@ METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms"
 WARMUP_SEED = 10**6  # warm-up prompts share no prefix with measured ones
 
 
+# What --isa avx2 gives Tandem's servers: ATen's AVX2 kernels (int4pack included), oneDNN's and
+# MKL's GEMMs capped at AVX2, and float32 where an AVX2 machine has no native bfloat16.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TANDEM_CPU_BF16": "0"}
+
+
 # ---- servers, loaded by `tandem bench serve` -------------------------------------------------
 
 def load(url: str, model: str, folder: str, c: int, n: int, input_len: int, output_len: int,
@@ -130,7 +136,8 @@ def prompt_seed(run: int, c: int) -> int:
 def measure_tandem(tandem_args: list[str], folder: str, cs: list[int],
                    args: argparse.Namespace, run: int) -> dict[int, dict]:
     cmd, url = tandem_replica("smollm2", *tandem_args)
-    with process(cmd, url, answers_ready, env={"OMP_NUM_THREADS": str(args.threads)}):
+    env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if args.isa == "avx2" else {})}
+    with process(cmd, url, answers_ready, env=env):
         return measure_server(url, folder, cs, args, run)
 
 
@@ -266,11 +273,17 @@ def main() -> None:
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2,
                    help="compute threads of every engine (llama-server -t, torch threads)")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: every engine runs its AVX2 code on a machine that has more "
+                        "(ATen, oneDNN and MKL capped at AVX2, bfloat16 off; llama-server "
+                        "built for AVX2 only): an AVX2-only machine's paths, not its memory")
     p.add_argument("--result-file", help="write every raw number here (JSON)")
     args = p.parse_args()
     if min(args.concurrency) < 1 or args.runs < 1 or args.prompts_per_concurrency < 1:
         p.error("--concurrency, --runs and --prompts-per-concurrency must be at least 1")
     exit_on_sigterm()
+    if args.isa == "avx2":
+        os.environ.update(AVX2_ENV)  # this process too: its step-bytes count picks dtypes
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     started, load_avg = time.perf_counter(), os.getloadavg()[0]  # other jobs skew every number
@@ -286,7 +299,7 @@ def main() -> None:
 
     llama_bin, build_note, ggufs = None, "", {}
     if any(e.startswith("llama") for e in args.engines):
-        llama_bin, build_note = llama_server(q4_1)
+        llama_bin, build_note = llama_server(q4_1, args.isa)
         ggufs = {"llama-f16": str(f16_gguf(folder)), "llama-q4_1": q4_1}
     labels = {"tandem": f"Tandem dense ({args.tandem_args or 'defaults'})",
               "tandem-q4": f"Tandem Q4_1 ({args.tandem_q4_args or 'defaults'})",
@@ -325,7 +338,9 @@ def main() -> None:
         (f"Machine: {info['cores']} cores, {info['cpu']}; CPU flags ggml cares about: "
          f"{' '.join(f for f in GGML_FLAGS if f in flags) or 'none'}; torch {info['torch']}, "
          f"transformers {info['transformers']}, Python {info['python']}; {args.threads} "
-         f"threads per engine; load average {load_avg:.1f} at the start."),
+         f"threads per engine; load average {load_avg:.1f} at the start."
+         + (f" --isa avx2: Tandem with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}."
+            if args.isa == "avx2" else "")),
         (f"llama.cpp {llama_version(llama_bin)} (vendored by the llama-cpp-python 0.3.36 "
          f"sdist), {build_note}; one server per concurrency C with `-np C -cb`."
          if llama_bin else "llama.cpp: not run."),

@@ -32,6 +32,12 @@ CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=O
 NO_AMX = ["-DCMAKE_C_FLAGS=-mno-amx-int8", "-DCMAKE_CXX_FLAGS=-mno-amx-int8"]
 
 
+# An AVX2-only x86 CPU's build (the AMD EPYCs without AVX-512: avx2, fma, f16c), for a machine
+# that has more: CMake takes the last -D of a name, so these override GGML_NATIVE=ON.
+AVX2_ONLY = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+             "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"]
+
+
 def cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
         return next((set(line.split(":", 1)[1].split()) for line in f
@@ -65,10 +71,12 @@ def build(build_dir: str, extra: list[str]) -> Path:
     return binary
 
 
-def llama_server(probe_gguf: str) -> tuple[Path, str]:
+def llama_server(probe_gguf: str, isa: str = "native") -> tuple[Path, str]:
     """The llama-server binary and a line saying how it was built. Where the CPU has AMX int8,
     one request to `probe_gguf` (Q4_1 takes ggml's AMX path) checks it does not crash; if it
-    does, the server is built again with AMX off."""
+    does, the server is built again with AMX off. isa="avx2": built for AVX2 only."""
+    if isa == "avx2":
+        return build("build-avx2", AVX2_ONLY), "AVX2 only (GGML_NATIVE=OFF, AVX2/FMA/F16C on)"
     binary = build("build", [])
     if "amx_int8" not in cpu_flags():
         return binary, "GGML_NATIVE=ON; no AMX on this CPU, so no AMX path to turn off"
