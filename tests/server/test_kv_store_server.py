@@ -217,9 +217,11 @@ def test_a_file_store_that_cannot_be_written_costs_no_request(smollm2_dir, tmp_p
         (root / name).write_bytes(b"")
     with start_server(smollm2_dir, *F32, "--kv-store", f"file://{root}",
                       "--kv-store-write-through") as s:
-        complete(s.url, prompt_ids(4, 200), max_tokens=4)
-        # 12 blocks written through: the first failures open the breaker (3 in a row), which
-        # stays open 5 s, while the rest are dropped.
+        # Each request is one failed read of its prompt's blocks and one failed write of the
+        # step's 12 blocks (one store call): three failures in a row open the breaker, which
+        # stays open 5 s, so the second request's write is the third failure.
+        for seed in (4, 6):
+            complete(s.url, prompt_ids(seed, 200), max_tokens=4)
         poll(lambda: metrics(s.url)[BREAKER] == 2, 30,
              lambda: f"breaker never open: {metrics(s.url)}")
         m = metrics(s.url)
