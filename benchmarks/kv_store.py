@@ -249,48 +249,50 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, took: float) -
               f"{args.replica_args}; replicas with {args.replica_threads} torch thread(s) each; "
               f"{args.runs} run(s) of {', '.join(args.parts)}, medians; "
               f"took {took / 60:.1f} min.")]
+    def table(kind: str, title: str, cols: list[tuple[str, str, str]]) -> None:
+        """`cols`: (header, field, format); a format ending in % shows a fraction as one."""
+        lines.extend(["", title, "", "| store | " + " | ".join(c[0] for c in cols) + " |",
+                      "|---|" + "---:|" * len(cols)])
+        for mode in ("off", "on"):
+            r = m[f"{kind}-{mode}"]
+            cells = [f"{100 * r[f]:{fmt[:-1]}}%" if fmt.endswith("%") else f"{r[f]:{fmt}}"
+                     for _, f, fmt in cols]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+
     if "cross" in args.parts:
         speedup = median([off["ttft_b_p50_ms"] / on["ttft_b_p50_ms"]
                           for off, on in pairs("cross")])
-        lines += ["", (f"Cross-replica ({args.groups} groups, {args.prefix_len}-token prefix + "
-                  f"{args.question_len}-token question; A computes, then B gets another "
-                  f"question):"), "",
-                  ("| store | A TTFT p50 (ms) | B TTFT p50 (ms) | B TTFT p99 (ms) | B store hit "
-                   "blocks | B MB loaded | B prefix hit rate |"),
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for mode in ("off", "on"):
-            r = m[f"cross-{mode}"]
-            lines.append(f"| {mode} | {r['ttft_a_p50_ms']:.0f} | {r['ttft_b_p50_ms']:.0f} | "
-                         f"{r['ttft_b_p99_ms']:.0f} | {r['b_store_hit_blocks']:.0f} | "
-                         f"{r['b_store_loaded_mb']:.1f} | {100 * r['b_prefix_hit_rate']:.1f}% |")
+        table("cross", (f"Cross-replica ({args.groups} groups, {args.prefix_len}-token prefix + "
+                        f"{args.question_len}-token question; A computes, then B gets another "
+                        f"question):"),
+              [("A TTFT p50 (ms)", "ttft_a_p50_ms", ".0f"),
+               ("B TTFT p50 (ms)", "ttft_b_p50_ms", ".0f"),
+               ("B TTFT p99 (ms)", "ttft_b_p99_ms", ".0f"),
+               ("B store hit blocks", "b_store_hit_blocks", ".0f"),
+               ("B MB loaded", "b_store_loaded_mb", ".1f"),
+               ("B prefix hit rate", "b_prefix_hit_rate", ".1f%")])
         lines += ["", (f"B's TTFT p50, recompute / store load: **{speedup:.1f}x** "
                   "(target >= 10x).")]
     if "routed" in args.parts:
-        lines += ["", (f"Routed (`tandem route --policy cache_aware --tokenizer`, 2 replicas, "
-                  f"{args.groups} x {args.per_group} requests, concurrency {args.concurrency}, "
-                  f"{args.output_len} tokens out):"), "",
-                  ("| store | TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | prefix hit rate | store "
-                   "hit blocks | MB loaded | MB written | errors |"),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for mode in ("off", "on"):
-            r = m[f"routed-{mode}"]
-            lines.append(f"| {mode} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-                         f"{r['wall_s']:.1f} | {100 * r['prefix_hit_rate']:.1f}% | "
-                         f"{r['store_hit_blocks']:.0f} | {r['store_loaded_mb']:.1f} | "
-                         f"{r['store_saved_mb']:.1f} | {r['errors']:.0f} |")
+        table("routed", (f"Routed (`tandem route --policy cache_aware --tokenizer`, 2 replicas, "
+                         f"{args.groups} x {args.per_group} requests, concurrency "
+                         f"{args.concurrency}, {args.output_len} tokens out):"),
+              [("TTFT p50 (ms)", "ttft_p50_ms", ".0f"), ("TTFT p99 (ms)", "ttft_p99_ms", ".0f"),
+               ("wall (s)", "wall_s", ".1f"), ("prefix hit rate", "prefix_hit_rate", ".1f%"),
+               ("store hit blocks", "store_hit_blocks", ".0f"),
+               ("MB loaded", "store_loaded_mb", ".1f"), ("MB written", "store_saved_mb", ".1f"),
+               ("errors", "errors", ".0f")])
     if "unique" in args.parts:
         loss = median([1 - on["output_tok_s"] / off["output_tok_s"]
                        for off, on in pairs("unique")])
-        lines += ["", (f"No shared prefixes (1 replica, {args.unique_n} prompts of "
-                  f"{args.unique_len} tokens, {args.output_len} out, concurrency "
-                  f"{args.concurrency}; medians of {len(runs['unique-on'])} off/on pairs):"), "",
-                  ("| store | output tok/s | wall (s) | replica CPU (s) | redis-server CPU (s) "
-                   "| MB written | writes dropped |"), "|---|---:|---:|---:|---:|---:|---:|"]
-        for mode in ("off", "on"):
-            r = m[f"unique-{mode}"]
-            lines.append(f"| {mode} | {r['output_tok_s']:.1f} | {r['wall_s']:.1f} | "
-                         f"{r['replica_cpu_s']:.1f} | {r['redis_cpu_s']:.1f} | "
-                         f"{r['store_saved_mb']:.1f} | {r['writes_dropped']:.0f} |")
+        table("unique", (f"No shared prefixes (1 replica, {args.unique_n} prompts of "
+                         f"{args.unique_len} tokens, {args.output_len} out, concurrency "
+                         f"{args.concurrency}; medians of {len(runs['unique-on'])} off/on "
+                         f"pairs):"),
+              [("output tok/s", "output_tok_s", ".1f"), ("wall (s)", "wall_s", ".1f"),
+               ("replica CPU (s)", "replica_cpu_s", ".1f"),
+               ("redis-server CPU (s)", "redis_cpu_s", ".1f"),
+               ("MB written", "store_saved_mb", ".1f"), ("writes dropped", "writes_dropped", ".0f")])
         losses = ", ".join(f"{100 * (1 - on['output_tok_s'] / off['output_tok_s']):.1f}%"
                            for off, on in pairs("unique"))
         extra_cpu = median([(on["replica_cpu_s"] + on["redis_cpu_s"]) / off["replica_cpu_s"] - 1
