@@ -75,7 +75,7 @@ from tandem.procs import answers_ready
 # The script's own folder is on sys.path when it runs as a file.
 from llama_peer import cpu_flags, f16_gguf, llama_cmd, llama_server, llama_version  # isort: skip
 from offline_throughput import hf_generate, hf_weight_bytes, machine, median  # isort: skip
-from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
+from router_peers import ROOT, exit_on_sigterm, process, tandem_replica  # isort: skip
 from step_bytes import tandem_step_bytes  # isort: skip
 
 ENGINES = ("tandem", "tandem-q4", "llama-f16", "llama-q4_1", "hf")
@@ -94,8 +94,11 @@ WARMUP_SEED = 10**6  # warm-up prompts share no prefix with measured ones
 
 # What --isa avx2 gives Tandem's servers: ATen's AVX2 kernels (int4pack included), oneDNN's and
 # MKL's GEMMs capped at AVX2, and float32 where an AVX2 machine has no native bfloat16.
+# Inductor's kernels go to a cache of their own: ones compiled under this capping, loaded later
+# by an uncapped process from the shared cache, aborted it (seen 2026-12-03).
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TANDEM_CPU_BF16": "0"}
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TANDEM_CPU_BF16": "0",
+            "TORCHINDUCTOR_CACHE_DIR": str(ROOT / ".bench" / "inductor-avx2")}
 
 
 # ---- servers, loaded by `tandem bench serve` -------------------------------------------------
