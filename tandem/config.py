@@ -53,6 +53,8 @@ class EngineConfig:
     kv_store: str | None = None  # redis://host:port[/db] or file:///dir
     kv_store_timeout: float = 1.0
     kv_store_write_through: bool = False
+    # {"method": "ngram", "num_speculative_tokens": k, ...} (tandem/spec/config.py), or its JSON
+    speculative_config: dict | str | None = None
     # TANDEM_ENFORCE_EAGER=1 makes eager the default: the test suite builds hundreds of engines,
     # and tracing each under coverage would cost minutes; tests/engine/test_compile.py asks for
     # compilation explicitly.
@@ -70,6 +72,10 @@ class EngineConfig:
         else None)
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            from tandem.spec.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config).to_dict()
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.kv_host_memory not in (0, "0"):
@@ -256,6 +262,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-store-write-through", action="store_true",
                    help="write every full block to the store once computed, not only when "
                         "evicted, so other replicas see it at once")
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 5}\'')
     p.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="run the model eagerly: no torch.compile of the decode step")
     p.add_argument("--seed", type=int, default=d.seed)

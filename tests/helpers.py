@@ -103,7 +103,7 @@ def run_stepwise(engine, arrivals: dict[int, dict[str, list[int]]],
                 result = engine.runner.sampler(logits, sampling)
                 for r, row, token in zip(sampling, logits, result.token_ids):
                     run.logits[reqs[r.request_id][0]].append(row.float().cpu().clone())
-                    sampled[r.request_id] = token
+                    sampled[r.request_id] = [token]
             engine.scheduler.update(sched, sampled)
             step += 1
     finally:

@@ -22,6 +22,7 @@ from tandem.kv_store.format import engine_model_id
 from tandem.kv_store.tiers import make_tiers
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
+from tandem.spec.ngram import propose_ngram
 
 
 @dataclass
@@ -165,36 +166,56 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
 
+    def _propose(self) -> None:
+        """Speculation: proposed next tokens for each running request about to decode, never
+        past its max_tokens or the context length."""
+        spec = self.config.speculative_config
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            room = min(req.params.max_tokens - req.num_output_tokens,
+                       self.max_model_len - req.num_tokens) - 1
+            k = min(spec["num_speculative_tokens"], room)
+            req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
+                                               spec["prompt_lookup_max"]) if k > 0 else []
+
     def step(self) -> list[RequestOutput]:
+        if self.config.speculative_config is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         if sched.empty:
             if self.tiers is not None:  # requests waiting for a load: nothing else to do
                 self.tiers.wait(0.01)
             return []
         start = time.monotonic()
-        reqs, result = self.runner.execute(sched)
+        results = self.runner.execute(sched)
         if self.tiers is not None:
             self.tiers.observe_step(sum(sched.num_tokens), time.monotonic() - start)
             computed, self.kv.newly_cached = self.kv.newly_cached, []
             self.tiers.on_computed(computed)
-        sampled = dict(zip((r.request_id for r in reqs), result.token_ids)) if result else {}
-        self.scheduler.update(sched, sampled)
+        before = {req.request_id: req.num_tokens for req, _, _ in results}
+        self.scheduler.update(sched, {req.request_id: tokens for req, tokens, _ in results})
         touched: dict[str, _Parent] = {}
-        for i, req in enumerate(reqs):
+        for req, _, logprobs in results:
             parent, child = self.children[req.request_id]
-            token = result.token_ids[i]
-            self.stats.on_token(req)
-            if child.logprobs is not None:
-                child.logprobs.append(self._logprobs(token, result.logprobs[i]))
-                child.cumulative_logprob += result.logprobs[i][0]
-            check = req.num_output_tokens >= req.params.min_tokens
-            stop = child.detok.add(token, check_stop=check)
-            if stop is not None:
-                req.stop_reason = stop
-                if req.finished:  # also hit a length limit: the stop string explains the end
-                    req.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            new = req.all_token_ids[before[req.request_id]:]  # a token-level stop ends them
+            for j, token in enumerate(new):
+                self.stats.on_token(req)
+                if child.logprobs is not None:
+                    child.logprobs.append(self._logprobs(token, logprobs[j]))
+                    child.cumulative_logprob += logprobs[j][0]
+                later = len(new) - 1 - j
+                check = req.num_output_tokens - later >= req.params.min_tokens
+                stop = child.detok.add(token, check_stop=check)
+                if stop is not None:
+                    req.stop_reason = stop
+                    if later:  # speculation emitted tokens past the stop string
+                        del req.all_token_ids[-later:]
+                    if req.finished:  # also hit a length limit: the stop string explains it
+                        req.status = RequestStatus.FINISHED_STOPPED
+                    else:
+                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                    break
             if req.finished:
                 self.stats.on_finish(req)
             touched[parent.request_id] = parent

@@ -124,7 +124,8 @@ class KVCacheManager:
         # Registered at schedule time: the step that computes the block runs before any reader.
         if not self.enable_caching:
             return
-        num_full = num_tokens // self.block_size
+        # Proposed tokens a step verifies are not the request's yet: only its own are named.
+        num_full = min(num_tokens, req.num_tokens) // self.block_size
         start = self.num_cached_blocks.get(req.request_id, 0)
         if num_full <= start:
             return
@@ -155,6 +156,17 @@ class KVCacheManager:
         self.block_hash[block_id] = block_hash
         self.events.stored(block_hash)
         return block_id, True
+
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (slots of rejected proposed
+        tokens; never named, so they go first in line for reuse)."""
+        keep = cdiv(num_tokens, self.block_size)
+        while len(req.block_table) > keep:
+            block_id = req.block_table.pop()
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
 
     def free_request(self, req: Request) -> None:
         # Reverse order: a prompt's tail blocks are the least likely to be shared, so evict them first.

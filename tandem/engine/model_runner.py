@@ -23,10 +23,11 @@ from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.layers.linear import add_decode_copies
-from tandem.layers.sampler import Sampler, SampleResult
+from tandem.layers.sampler import Sampler
 from tandem.loader.weights import load_model, resolve_quantization
 from tandem.models.registry import model_class
 from tandem.quantization.weight import prepare_q8
+from tandem.spec.verify import verify
 
 
 class ModelRunner:
@@ -94,7 +95,8 @@ class ModelRunner:
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * per_token_head
 
     def prepare(self, sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
-        """Flat batch with one-token steps (decodes) first, and the requests that sample."""
+        """Flat batch with one-token steps (decodes) first, and the request of each row that
+        samples (a request verifying proposed tokens has one per proposal, plus one)."""
         bs = self.block_size
         order = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: rn[1] != 1)
         input_ids, positions, slots, sample_rows, sample_reqs = [], [], [], [], []
@@ -102,7 +104,9 @@ class ModelRunner:
         for req, n in order:
             start, bt = req.num_computed_tokens, req.block_table
             q_start = len(input_ids)
-            input_ids += req.all_token_ids[start:start + n]
+            spec = req.spec_token_ids
+            tokens = req.all_token_ids + spec if spec else req.all_token_ids
+            input_ids += tokens[start:start + n]
             positions += range(start, start + n)
             slots += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
             if n == 1:
@@ -111,9 +115,10 @@ class ModelRunner:
             else:
                 prefills.append((q_start, n, start))
                 prefill_tables += bt[:cdiv(start + n, bs)]
-            if start + n == req.num_tokens:
-                sample_rows.append(q_start + n - 1)
-                sample_reqs.append(req)
+            if start + n == len(tokens):  # the last token's row, and each proposed token's
+                for row in range(q_start + n - 1 - len(spec), q_start + n):
+                    sample_rows.append(row)
+                    sample_reqs.append(req)
         width = max((len(t) for t in decode_tables), default=0)
 
         def t(x) -> torch.Tensor:
@@ -167,11 +172,29 @@ class ModelRunner:
             return reqs, self.run(inp)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SampleResult | None]:
-        reqs, logits = self.forward_logits(sched)
+    def execute(self, sched: SchedulerOutput) -> list[tuple[Request, list[int], list | None]]:
+        """Each request that sampled: its new tokens (one, or with speculation the accepted
+        proposed tokens and one more) and, if it asked, a logprobs entry per token."""
+        rows, logits = self.forward_logits(sched)
         if logits is None:
-            return reqs, None
-        return reqs, self.sampler(logits, reqs)
+            return []
+        spans: list[tuple[Request, int, int]] = []  # request, first row, rows
+        for i, req in enumerate(rows):
+            if spans and spans[-1][0] is req:
+                spans[-1] = (req, spans[-1][1], spans[-1][2] + 1)
+            else:
+                spans.append((req, i, 1))
+        plain = [(req, i) for req, i, n in spans if n == 1]
+        out: dict[int, tuple[Request, list[int], list | None]] = {}
+        if plain:
+            result = self.sampler(logits[[i for _, i in plain]], [req for req, _ in plain])
+            for j, (req, i) in enumerate(plain):
+                lp = result.logprobs[j]
+                out[i] = (req, [result.token_ids[j]], None if lp is None else [lp])
+        for req, i, n in spans:
+            if n > 1:
+                out[i] = (req, *verify(self.sampler, logits[i:i + n], req, req.spec_token_ids))
+        return [out[i] for _, i, _ in spans]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -41,6 +41,7 @@ class Request:
         self.last_token_time: float | None = None
         self.num_preemptions = 0
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
+        self.spec_token_ids: list[int] = []  # proposed next tokens this step verifies
         self.kv_store_checked = False  # the shared KV store was asked for this prompt's blocks
         # A private generator makes seeded sampling independent of the rest of the batch.
         self.generator: torch.Generator | None = None

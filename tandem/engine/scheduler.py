@@ -37,6 +37,10 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up at admission
         self.prefix_cache_hits = 0  # of those, tokens found cached
         self.tiers: KVTiers | None = None  # host memory and shared store, when configured
+        # Speculation: proposed tokens verified, accepted, and accepted at each position.
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
+        self.spec_accepted_by_position: list[int] = []
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -50,8 +54,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            todo = req.num_tokens - req.num_computed_tokens
+            # Proposed tokens ride along only with a decode, and only as far as the budget goes.
+            req.spec_token_ids = req.spec_token_ids[:budget - 1] if todo == 1 else []
+            n = min(todo + len(req.spec_token_ids), budget)
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # no room to verify: decode without them
+                    req.spec_token_ids, n = [], todo
+                    continue
                 # Recompute preemption of the newest running request frees its blocks.
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -93,25 +103,45 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free_request(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed tokens, append sampled ones; returns the requests that got a token."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Advance computed tokens, append sampled ones (with speculation, the accepted proposed
+        tokens and one more); returns the requests that got tokens."""
         updated = []
         for req, n in zip(out.requests, out.num_tokens):
             req.num_computed_tokens += n
-            token = sampled.get(req.request_id)
-            if token is None:
+            tokens = sampled.get(req.request_id)
+            spec, req.spec_token_ids = req.spec_token_ids, []
+            if tokens is None:
                 continue
-            req.append_token(token)
+            if spec:  # K/V of rejected proposals is stale: recomputed when reached again
+                accepted = len(tokens) - 1
+                req.num_computed_tokens -= len(spec) - accepted
+                self._count_spec(len(spec), accepted)
             updated.append(req)
-            if req.check_stop(self.max_model_len):
-                self.finish(req, req.status)
+            for token in tokens:
+                req.append_token(token)
+                if req.check_stop(self.max_model_len):
+                    self.finish(req, req.status)
+                    break
+            else:
+                if spec:
+                    self.kv.trim(req, req.num_tokens)
         return updated
+
+    def _count_spec(self, proposed: int, accepted: int) -> None:
+        self.spec_draft_tokens += proposed
+        self.spec_accepted_tokens += accepted
+        by_pos = self.spec_accepted_by_position
+        by_pos.extend([0] * (proposed - len(by_pos)))
+        for i in range(accepted):
+            by_pos[i] += 1
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         if req.request_id not in self.requests:

@@ -20,10 +20,9 @@ class SampleResult:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-        raw = logits = logits.float()
+        raw = logits.float()
         params = [r.params for r in reqs]
-        if any(_needs_processing(r) for r in reqs):  # else skip copying [batch, vocab]
-            logits = self._apply_penalties_and_bias(logits.clone(), reqs)
+        logits = self.process(raw, reqs)
         temps = torch.tensor([p.temperature for p in params], device=logits.device)
         greedy = temps < _MIN_TEMPERATURE
         tokens = logits.argmax(-1)
@@ -57,8 +56,18 @@ class Sampler:
                 logits[i] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
         return logits
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        params = [r.params for r in reqs]
+    def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """float32 logits with each row's penalties, min_tokens bans and logit_bias applied."""
+        logits = logits.float()
+        if any(_needs_processing(r) for r in reqs):
+            logits = self._apply_penalties_and_bias(logits.clone(), reqs)
+        return logits
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+        """The distribution each row samples from: processed logits already divided by the
+        temperature, then top-k, top-p and min-p (min-p's survivors are not renormalized:
+        sampling is by ratio)."""
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             logits = _top_k_top_p(logits, params)
         probs = logits.softmax(-1)
@@ -66,6 +75,10 @@ class Sampler:
         if bool((min_p > 0).any()):
             keep = probs >= min_p.unsqueeze(1) * probs.max(-1, keepdim=True).values
             probs = torch.where(keep, probs, 0.0)
+        return probs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        probs = self.probs(logits, [r.params for r in reqs])
         # Gumbel-style race: argmax(p / q), q ~ Exp(1). A seeded request draws q from its own
         # generator, so its tokens do not depend on what else is in the batch.
         q = torch.empty_like(probs).exponential_()

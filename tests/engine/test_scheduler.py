@@ -25,9 +25,9 @@ def make_request(rid: str, prompt: list[int], **params) -> Request:
     return Request(rid, prompt, SamplingParams(**params), frozenset({EOS}))
 
 
-def samples(out: SchedulerOutput, token: int = 7) -> dict[str, int]:
+def samples(out: SchedulerOutput, token: int = 7) -> dict[str, list[int]]:
     """The rows the model runner samples: requests whose step reaches their last token."""
-    return {r.request_id: token for r, n in zip(out.requests, out.num_tokens)
+    return {r.request_id: [token] for r, n in zip(out.requests, out.num_tokens)
             if r.num_computed_tokens + n == r.num_tokens}
 
 
@@ -91,7 +91,7 @@ def test_scheduler_invariants_under_random_operations(data, block_size, num_bloc
             for r, n in zip(out.requests, out.num_tokens):
                 shadow.check(r, r.num_computed_tokens + n)
             check_scheduler(s)
-            sampled = {rid: data.draw(st.integers(0, 7)) for rid in samples(out)}
+            sampled = {rid: [data.draw(st.integers(0, 7))] for rid in samples(out)}
             before = {r.request_id: r.num_output_tokens for r in out.requests}
             updated = s.update(out, sampled)
             assert {r.request_id for r in updated} == set(sampled)
@@ -156,7 +156,7 @@ def test_decodes_come_first_then_prefill_chunks_fill_the_budget():
     s = make_scheduler(budget=6)
     a = make_request("a", [1, 2, 3])
     s.add(a)
-    s.update(s.schedule(), {"a": 7})  # a is now decoding
+    s.update(s.schedule(), {"a": [7]})  # a is now decoding
     b = make_request("b", list(range(1, 21)))
     s.add(b)
     out = s.schedule()
@@ -181,7 +181,7 @@ def test_budget_spent_by_decodes_admits_nothing():
     a, b = make_request("a", [1]), make_request("b", [2])
     s.add(a)
     s.add(b)
-    s.update(s.schedule(), {"a": 7, "b": 7})
+    s.update(s.schedule(), {"a": [7], "b": [7]})
     c = make_request("c", [3])
     s.add(c)
     out = s.schedule()
@@ -199,7 +199,7 @@ def test_prefix_hit_skips_cached_tokens():
     s = make_scheduler(block_size=4)
     a = make_request("a", list(range(1, 10)), max_tokens=1)
     s.add(a)
-    s.update(s.schedule(), {"a": 7})
+    s.update(s.schedule(), {"a": [7]})
     assert a.finished
     b = make_request("b", list(range(1, 9)) + [42], max_tokens=1)
     s.add(b)
@@ -272,7 +272,7 @@ def test_abort_of_waiting_and_running_requests_frees_blocks():
     a, b = make_request("a", list(range(1, 7))), make_request("b", [1, 2])
     s.add(a)
     s.add(b)
-    s.update(s.schedule(), {"a": 7})
+    s.update(s.schedule(), {"a": [7]})
     assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING
     assert s.kv.num_free_blocks == 6
     assert s.abort("b") and b.status is RequestStatus.FINISHED_ABORTED

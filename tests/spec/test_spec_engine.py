@@ -1,0 +1,107 @@
+"""Speculative decoding with n-gram proposals on the real SmolLM2 (float32): greedy tokens equal
+the non-speculative engine's, in one batch of prompts some of which repeat themselves (many
+proposals accepted) and some not, also with chunked prefill, with preemption, with stop
+strings, logprobs and n > 1; seeded sampling repeats; the pool is idle afterwards."""
+from __future__ import annotations
+
+import pytest
+
+from tandem import LLM, SamplingParams
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+PROMPTS = [
+    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog. The quick",
+    ("def add(a, b):\n    return a + b\n\n\ndef add_three(a, b, c):\n    return a + b + c\n\n\n"
+    "def add_four(a, b, c, d):\n"),
+    "The capital of France is",
+    "Hi",
+    ("Copy the list exactly: apple, banana, cherry, date, elderberry, fig, grape.\nCopy: apple, "
+    "banana,"),
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def make(model: str, **kw) -> LLM:
+    return LLM(model=model, dtype="float32", quantization="none", **kw)
+
+
+def tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [list(c.token_ids) for o in llm.generate(PROMPTS, params) for c in o.outputs]
+
+
+def assert_idle(llm: LLM) -> None:
+    kv = llm.engine.kv
+    assert not llm.engine.has_unfinished_requests()
+    assert kv.num_free_blocks == kv.num_blocks and all(r == 0 for r in kv.ref_counts)
+
+
+@pytest.fixture(scope="module")
+def plain(smollm2_dir) -> LLM:
+    return make(smollm2_dir, kv_cache_memory="64MiB")
+
+
+@pytest.fixture(scope="module")
+def spec(smollm2_dir) -> LLM:
+    return make(smollm2_dir, kv_cache_memory="64MiB", speculative_config=SPEC)
+
+
+@pytest.fixture(scope="module")
+def want(plain) -> list[list[int]]:
+    return tokens(plain)
+
+
+def test_greedy_tokens_equal_the_plain_engines_and_proposals_are_accepted(spec, want):
+    s = spec.engine.scheduler
+    got = tokens(spec)
+    assert got == want
+    # The repetitive prompts make proposals the model agrees with: tokens for free.
+    assert s.spec_draft_tokens > 40 and s.spec_accepted_tokens > 20, \
+        (s.spec_draft_tokens, s.spec_accepted_tokens)
+    by_pos = s.spec_accepted_by_position
+    assert len(by_pos) == 4 and by_pos[0] > 0 and by_pos == sorted(by_pos, reverse=True)
+    assert sum(s.spec_accepted_by_position) == s.spec_accepted_tokens
+    assert_idle(spec)
+
+
+@pytest.mark.parametrize("kw", [
+    {"max_num_batched_tokens": 24},  # prefill chunks and proposals share a small budget
+    {"kv_cache_memory": 16 * 737_280},  # 16 blocks for 6 requests: preemption
+], ids=["chunked_prefill", "preemption"])
+def test_greedy_tokens_hold_under_pressure(smollm2_dir, want, kw):
+    llm = make(smollm2_dir, **({"kv_cache_memory": "64MiB"} | kw), speculative_config=SPEC)
+    try:
+        got = tokens(llm)
+        assert got == want
+        if "max_num_batched_tokens" not in kw:
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.spec_accepted_tokens > 0
+        assert_idle(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_stop_strings_max_tokens_logprobs_and_n(plain, spec):
+    params = SamplingParams(temperature=0, max_tokens=23, logprobs=2, stop=["party-party", " 16,", "date, elder"],
+                            n=2)
+    for a, b in zip(plain.generate(PROMPTS, params), spec.generate(PROMPTS, params)):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert (cb.token_ids, cb.text, cb.finish_reason) == \
+                (ca.token_ids, ca.text, ca.finish_reason)
+            assert len(cb.logprobs) == len(cb.token_ids) <= 23
+            for la, lb in zip(ca.logprobs, cb.logprobs):
+                assert la.keys() == lb.keys()
+                for t in la:
+                    assert abs(la[t].logprob - lb[t].logprob) < 1e-3
+    assert any(o.outputs[0].finish_reason == "stop" for o in spec.generate(PROMPTS, params))
+    assert_idle(spec)
+
+
+def test_seeded_sampling_repeats_and_stays_in_range(spec):
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, seed=11,
+                            repetition_penalty=1.1, ignore_eos=True)
+    first, second = tokens(spec, params), tokens(spec, params)
+    assert first == second
+    assert all(len(t) == 30 for t in first)
+    assert_idle(spec)
