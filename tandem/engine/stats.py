@@ -86,6 +86,10 @@ class StatsLogger:
                 f"{len(sched.waiting)}, KV cache usage {100 * self.engine.kv.usage:.1f}%, "
                 f"prefix cache hit rate {100 * hits / max(queries, 1):.1f}% "
                 f"({100 * totals[3] / max(totals[2], 1):.1f}% since start)")
+        if self.engine.config.speculative_config is not None:
+            drafts, accepted = sched.spec_draft_tokens, sched.spec_accepted_tokens
+            line += (f", speculation since start: {accepted}/{drafts} proposed tokens accepted "
+                     f"({100 * accepted / max(drafts, 1):.1f}%)")
         tiers = self.engine.tiers
         if tiers is not None:
             t = tiers.stats

@@ -50,6 +50,17 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
            [(f"{{{label}}}", sched.prefix_cache_queries)])
     metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
            [(f"{{{label}}}", sched.prefix_cache_hits)])
+    if engine.config.speculative_config is not None:
+        metric("spec_decode_num_draft_tokens_total", "counter",
+               "Proposed tokens verified (speculative decoding).",
+               [(f"{{{label}}}", sched.spec_draft_tokens)])
+        metric("spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.",
+               [(f"{{{label}}}", sched.spec_accepted_tokens)])
+        k = engine.config.speculative_config["num_speculative_tokens"]
+        by_pos = sched.spec_accepted_by_position + [0] * k
+        metric("spec_decode_num_accepted_tokens_per_pos", "counter",
+               "Proposed tokens accepted, by position in the proposal.",
+               [(f'{{{label},position="{i}"}}', by_pos[i]) for i in range(k)])
     hist("time_to_first_token_seconds", "Time to first token.", stats.time_to_first_token)
     hist("inter_token_latency_seconds", "Time between tokens.", stats.inter_token_latency)
     hist("e2e_request_latency_seconds", "Request latency.", stats.e2e_request_latency)

@@ -105,3 +105,23 @@ def test_seeded_sampling_repeats_and_stays_in_range(spec):
     assert first == second
     assert all(len(t) == 30 for t in first)
     assert_idle(spec)
+
+
+def test_counters_reach_metrics_and_the_stats_line(spec, plain):
+    from tandem.engine.stats import StatsLogger
+    from tandem.server.metrics import render_metrics
+
+    logger = StatsLogger(spec.engine, interval=0)
+    spec.generate(PROMPTS[:2], GREEDY)
+    s = spec.engine.scheduler
+    text = render_metrics(spec.engine, "m")
+    label = 'model_name="m"'
+    assert f"tandem:spec_decode_num_draft_tokens_total{{{label}}} {s.spec_draft_tokens}" in text
+    assert (f"tandem:spec_decode_num_accepted_tokens_total{{{label}}} "
+            f"{s.spec_accepted_tokens}") in text
+    for i in range(SPEC["num_speculative_tokens"]):
+        assert (f'tandem:spec_decode_num_accepted_tokens_per_pos{{{label},position="{i}"}} '
+                f"{s.spec_accepted_by_position[i]}") in text
+    assert f"{s.spec_accepted_tokens}/{s.spec_draft_tokens} proposed tokens accepted" \
+        in logger.maybe_log()
+    assert "spec_decode" not in render_metrics(plain.engine, "m")  # speculation off: none

@@ -1,0 +1,151 @@
+"""Speculative decoding through `tandem serve`: output tok/s, time per output token and
+acceptance, speculation off against n-gram proposals, on two workloads:
+
+  grounded   chat prompts that ask to repeat a given code block with one name changed: the
+             output repeats the input, which is where n-gram proposals pay
+  open       open-ended chat questions: the output rarely repeats the prompt
+
+Each configuration gets a fresh server (greedy, ignore_eos, --output-len tokens), the
+workloads run at each --concurrency, and --runs rounds alternate the order of off and on.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/spec_decode.py
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+
+import httpx
+
+from tandem.loader.model_path import resolve_model
+from tandem.loader.tokenizer import load_tokenizer
+from tandem.procs import answers_ready
+
+# The script's own folder is on sys.path when it runs as a file.
+from offline_throughput import machine  # isort: skip
+from router_cache import Request, Workload, drive  # isort: skip
+from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
+
+CODE = [
+    ("total", ("def {name}(values):\n    result = 0\n    for value in values:\n"
+     "        result += value\n    return result\n\n\nprint({name}([1, 2, 3]))\n")),
+    ("mean", ("def {name}(xs):\n    if not xs:\n        raise ValueError('empty')\n"
+     "    return sum(xs) / len(xs)\n\n\nfor row in [[1, 2], [3, 4, 5]]:\n"
+     "    print({name}(row))\n")),
+    ("load", ("import json\n\n\ndef {name}(path):\n    with open(path) as f:\n"
+     "        data = json.load(f)\n    return data['items']\n\n\nitems = {name}('a.json')\n")),
+    ("clamp", ("def {name}(x, lo, hi):\n    if x < lo:\n        return lo\n    if x > hi:\n"
+     "        return hi\n    return x\n\n\nprint({name}(5, 0, 3))\n")),
+]
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are three good habits for staying healthy, and why?",
+    "Explain how a bicycle stays upright while it moves.",
+    "Describe your ideal weekend in a few sentences.",
+]
+OFF, NGRAM = "off", "ngram"
+
+
+def prompts(tokenizer, kind: str, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        if kind == "grounded":
+            name, code = CODE[i % len(CODE)]
+            text = (f"Rename the function `{name}` to `{name}_v2` in this code and print the "
+                    f"whole code again, changed:\n\n```python\n{code.format(name=name)}```")
+        else:
+            text = QUESTIONS[i % len(QUESTIONS)]
+        out.append(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def spec_counters(url: str) -> tuple[float, float]:
+    """Proposed and accepted tokens so far, from /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("tandem:spec_decode_num_"):
+            name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return (values.get("tandem:spec_decode_num_draft_tokens_total", 0.0),
+            values.get("tandem:spec_decode_num_accepted_tokens_total", 0.0))
+
+
+def measure(args: argparse.Namespace, tokenizer, mode: str) -> dict[str, dict]:
+    extra = ["--max-model-len", "2048"]
+    if mode == NGRAM:
+        extra += ["--speculative-config", json.dumps(
+            {"method": "ngram", "num_speculative_tokens": args.k,
+             "prompt_lookup_max": args.lookup_max})]
+    cmd, url = tandem_replica(args.model, *extra)
+    out = {}
+    with process(cmd, url, answers_ready):
+        w = Workload(output_len=args.output_len)
+        warm = [Request(0, p, [], 0.0) for p in prompts(tokenizer, "open", 1)]
+        asyncio.run(drive(url, warm, Workload(output_len=8), args.model, 1))
+        for kind in ("grounded", "open"):
+            for c in args.concurrency:
+                reqs = [Request(0, p, [], 0.0) for p in prompts(tokenizer, kind, c * args.per_c)]
+                before = spec_counters(url)
+                wall, results = asyncio.run(drive(url, reqs, w, args.model, c))
+                after = spec_counters(url)
+                ok = [r for r in results if not r.error]
+                tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
+                        if r.output_tokens > 1]
+                drafts, accepted = after[0] - before[0], after[1] - before[1]
+                out[f"{kind}-c{c}"] = {
+                    "output_tok_s": sum(r.output_tokens for r in ok) / wall,
+                    "tpot_ms": 1000 * statistics.median(tpot),
+                    "errors": len(results) - len(ok), "draft_tokens": drafts,
+                    "accepted_tokens": accepted,
+                    "acceptance": accepted / drafts if drafts else 0.0}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--per-c", type=int, default=2, help="requests per unit of concurrency")
+    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--json", help="write every raw number here")
+    args = p.parse_args()
+    exit_on_sigterm()
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    runs: dict[str, list[dict]] = {OFF: [], NGRAM: []}
+    for i in range(args.runs):
+        for mode in ((OFF, NGRAM) if i % 2 == 0 else (NGRAM, OFF)):
+            print(f"run {i + 1}/{args.runs}: {mode} ...", flush=True)
+            runs[mode].append(measure(args, tokenizer, mode))
+    info = machine()
+    lines = [(f"Machine: {info['cpu']}; flags: {info['flags']}; {info['cores']} cores. Model "
+             f"{args.model}, greedy, {args.output_len} tokens out (ignore_eos), "
+             f"{args.per_c} x C requests per workload; n-gram k={args.k}, prompt_lookup_max="
+             f"{args.lookup_max}; medians of {args.runs} run(s)."), "",
+             ("| workload | C | off tok/s | n-gram tok/s | speed-up | off TPOT (ms) | n-gram TPOT "
+             "(ms) | acceptance |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def med(mode: str, key: str, field: str) -> float:
+        return statistics.median(r[key][field] for r in runs[mode])
+
+    for key in runs[OFF][0]:
+
+        speedup = statistics.median(on[key]["output_tok_s"] / off[key]["output_tok_s"]
+                                    for off, on in zip(runs[OFF], runs[NGRAM]))
+        kind, c = key.rsplit("-c", 1)
+        lines.append(f"| {kind} | {c} | {med(OFF, key, 'output_tok_s'):.1f} | "
+                     f"{med(NGRAM, key, 'output_tok_s'):.1f} | {speedup:.2f}x | "
+                     f"{med(OFF, key, 'tpot_ms'):.1f} | {med(NGRAM, key, 'tpot_ms'):.1f} | "
+                     f"{100 * med(NGRAM, key, 'acceptance'):.0f}% |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
