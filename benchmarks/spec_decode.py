@@ -83,8 +83,12 @@ def measure(args: argparse.Namespace, tokenizer, mode: str) -> dict[str, dict]:
     out = {}
     with process(cmd, url, answers_ready):
         w = Workload(output_len=args.output_len)
-        warm = [Request(0, p, [], 0.0) for p in prompts(tokenizer, "open", 1)]
-        asyncio.run(drive(url, warm, Workload(output_len=8), args.model, 1))
+        # Every kind of step the run will take (chunks of each proposal length, batches of each
+        # C), so compilation happens here and not in the timed runs.
+        for c in args.concurrency:
+            warm = [Request(0, p, [], 0.0) for kind in ("grounded", "open")
+                    for p in prompts(tokenizer, kind, c)]
+            asyncio.run(drive(url, warm, Workload(output_len=32), args.model, c))
         for kind in ("grounded", "open"):
             for c in args.concurrency:
                 reqs = [Request(0, p, [], 0.0) for p in prompts(tokenizer, kind, c * args.per_c)]

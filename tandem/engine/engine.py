@@ -22,6 +22,7 @@ from tandem.kv_store.format import engine_model_id
 from tandem.kv_store.tiers import make_tiers
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
+from tandem.spec.adaptive import observe, proposal_length
 from tandem.spec.ngram import propose_ngram
 
 
@@ -167,15 +168,16 @@ class LLMEngine:
         return bool(self.parents)
 
     def _propose(self) -> None:
-        """Speculation: proposed next tokens for each running request about to decode, never
-        past its max_tokens or the context length."""
+        """Speculation: proposed next tokens for each running request about to decode, as many
+        as its recent acceptance allows (spec/adaptive.py), never past its max_tokens or the
+        context length."""
         spec = self.config.speculative_config
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             room = min(req.params.max_tokens - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
-            k = min(spec["num_speculative_tokens"], room)
+            k = min(proposal_length(req, spec["num_speculative_tokens"]), room)
             req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
                                                spec["prompt_lookup_max"]) if k > 0 else []
 
@@ -194,7 +196,13 @@ class LLMEngine:
             computed, self.kv.newly_cached = self.kv.newly_cached, []
             self.tiers.on_computed(computed)
         before = {req.request_id: req.num_tokens for req, _, _ in results}
+        proposed = {req.request_id: len(req.spec_token_ids) for req, _, _ in results}
         self.scheduler.update(sched, {req.request_id: tokens for req, tokens, _ in results})
+        if self.config.speculative_config is not None:
+            k = self.config.speculative_config["num_speculative_tokens"]
+            for req, tokens, _ in results:
+                if proposed[req.request_id]:
+                    observe(req, k, len(tokens) - 1)
         touched: dict[str, _Parent] = {}
         for req, _, logprobs in results:
             parent, child = self.children[req.request_id]

@@ -42,6 +42,11 @@ class Request:
         self.num_preemptions = 0
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
         self.spec_token_ids: list[int] = []  # proposed next tokens this step verifies
+        # Adaptive speculation (tandem/spec/adaptive.py): this request's proposal length now,
+        # steps left without proposals, and proposals in a row that were all rejected.
+        self.spec_k: int | None = None
+        self.spec_backoff = 0
+        self.spec_misses = 0
         self.kv_store_checked = False  # the shared KV store was asked for this prompt's blocks
         # A private generator makes seeded sampling independent of the rest of the batch.
         self.generator: torch.Generator | None = None

@@ -37,7 +37,8 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up at admission
         self.prefix_cache_hits = 0  # of those, tokens found cached
         self.tiers: KVTiers | None = None  # host memory and shared store, when configured
-        # Speculation: proposed tokens verified, accepted, and accepted at each position.
+        # Speculation: proposals verified, their tokens, those accepted, and accepted by position.
+        self.spec_drafts = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
         self.spec_accepted_by_position: list[int] = []
@@ -136,6 +137,7 @@ class Scheduler:
         return updated
 
     def _count_spec(self, proposed: int, accepted: int) -> None:
+        self.spec_drafts += 1
         self.spec_draft_tokens += proposed
         self.spec_accepted_tokens += accepted
         by_pos = self.spec_accepted_by_position

@@ -89,7 +89,8 @@ class StatsLogger:
         if self.engine.config.speculative_config is not None:
             drafts, accepted = sched.spec_draft_tokens, sched.spec_accepted_tokens
             line += (f", speculation since start: {accepted}/{drafts} proposed tokens accepted "
-                     f"({100 * accepted / max(drafts, 1):.1f}%)")
+                     f"({100 * accepted / max(drafts, 1):.1f}%), "
+                     f"{drafts / max(sched.spec_drafts, 1):.2f} tokens a proposal")
         tiers = self.engine.tiers
         if tiers is not None:
             t = tiers.stats

@@ -51,6 +51,9 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
     metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
            [(f"{{{label}}}", sched.prefix_cache_hits)])
     if engine.config.speculative_config is not None:
+        metric("spec_decode_num_drafts_total", "counter",
+               "Proposals verified (speculative decoding; their length adapts per request).",
+               [(f"{{{label}}}", sched.spec_drafts)])
         metric("spec_decode_num_draft_tokens_total", "counter",
                "Proposed tokens verified (speculative decoding).",
                [(f"{{{label}}}", sched.spec_draft_tokens)])

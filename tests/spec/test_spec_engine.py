@@ -117,6 +117,8 @@ def test_counters_reach_metrics_and_the_stats_line(spec, plain):
     text = render_metrics(spec.engine, "m")
     label = 'model_name="m"'
     assert f"tandem:spec_decode_num_draft_tokens_total{{{label}}} {s.spec_draft_tokens}" in text
+    assert f"tandem:spec_decode_num_drafts_total{{{label}}} {s.spec_drafts}" in text
+    assert 1 <= s.spec_draft_tokens / s.spec_drafts <= SPEC["num_speculative_tokens"]
     assert (f"tandem:spec_decode_num_accepted_tokens_total{{{label}}} "
             f"{s.spec_accepted_tokens}") in text
     for i in range(SPEC["num_speculative_tokens"]):
