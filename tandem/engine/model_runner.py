@@ -95,10 +95,14 @@ class ModelRunner:
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * per_token_head
 
     def prepare(self, sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
-        """Flat batch with one-token steps (decodes) first, and the request of each row that
-        samples (a request verifying proposed tokens has one per proposal, plus one)."""
+        """Flat batch with one-token steps (decodes, and the rows of proposed tokens) first, and
+        the request of each row that samples (a request verifying proposed tokens has one per
+        proposal, plus one)."""
         bs = self.block_size
-        order = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: rn[1] != 1)
+        # A request verifying proposed tokens is laid out as one decode row per token, each
+        # attending to the cache up to its own position: the decode path's cost, not a prefill's.
+        order = sorted(zip(sched.requests, sched.num_tokens),
+                       key=lambda rn: rn[1] != 1 and not rn[0].spec_token_ids)
         input_ids, positions, slots, sample_rows, sample_reqs = [], [], [], [], []
         decode_tables, decode_lens, prefills, prefill_tables = [], [], [], []
         for req, n in order:
@@ -109,9 +113,10 @@ class ModelRunner:
             input_ids += tokens[start:start + n]
             positions += range(start, start + n)
             slots += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if n == 1:
-                decode_tables.append(bt[:cdiv(start + 1, bs)])
-                decode_lens.append(start + 1)
+            if n == 1 or spec:
+                for pos in range(start, start + n):
+                    decode_tables.append(bt[:cdiv(pos + 1, bs)])
+                    decode_lens.append(pos + 1)
             else:
                 prefills.append((q_start, n, start))
                 prefill_tables += bt[:cdiv(start + n, bs)]
