@@ -51,14 +51,12 @@ def render_metrics(engine: LLMEngine, model_name: str) -> str:
     metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
            [(f"{{{label}}}", sched.prefix_cache_hits)])
     if engine.config.speculative_config is not None:
-        metric("spec_decode_num_drafts_total", "counter",
-               "Proposals verified (speculative decoding; their length adapts per request).",
-               [(f"{{{label}}}", sched.spec_drafts)])
-        metric("spec_decode_num_draft_tokens_total", "counter",
-               "Proposed tokens verified (speculative decoding).",
-               [(f"{{{label}}}", sched.spec_draft_tokens)])
-        metric("spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.",
-               [(f"{{{label}}}", sched.spec_accepted_tokens)])
+        for name, help_, value in (
+                ("drafts", ("Proposals verified (speculative decoding; their length adapts per "
+                 "request)."), sched.spec_drafts),
+                ("draft_tokens", "Proposed tokens verified.", sched.spec_draft_tokens),
+                ("accepted_tokens", "Proposed tokens accepted.", sched.spec_accepted_tokens)):
+            metric(f"spec_decode_num_{name}_total", "counter", help_, [(f"{{{label}}}", value)])
         k = engine.config.speculative_config["num_speculative_tokens"]
         by_pos = sched.spec_accepted_by_position + [0] * k
         metric("spec_decode_num_accepted_tokens_per_pos", "counter",

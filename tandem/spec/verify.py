@@ -12,28 +12,20 @@ exactly as the target's own samples.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tandem.engine.request import Request
 from tandem.layers.sampler import _MIN_TEMPERATURE, Sampler
 
 
-class _Ahead:
-    """`req` as the sampler sees it with `extra` tokens appended (not a real request)."""
-
-    def __init__(self, req: Request, extra: list[int]):
-        self.params, self.eos_token_ids, self.generator = req.params, req.eos_token_ids, \
-            req.generator
-        self.all_token_ids = req.all_token_ids + extra
-        self.num_prompt_tokens = req.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
+def _ahead(req: Request, extra: list[int]) -> Request:
+    """`req` as the sampler sees it with `extra` tokens appended: a shallow copy (same params
+    and generator), never scheduled."""
+    ahead = copy.copy(req)
+    ahead.all_token_ids = req.all_token_ids + extra
+    return ahead
 
 
 def verify(sampler: Sampler, logits: torch.Tensor, req: Request, drafts: list[int]
@@ -41,7 +33,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, req: Request, drafts: list[in
     """logits: [len(drafts) + 1, vocab]. The tokens to emit (accepted proposals, then one the
     target chose) and, if the request asked for them, each one's logprobs entry."""
     k = len(drafts)
-    rows = [_Ahead(req, drafts[:j]) for j in range(k + 1)]
+    rows = [_ahead(req, drafts[:j]) for j in range(k + 1)]
     raw = logits.float()
     processed = sampler.process(raw, rows)
     p = req.params
