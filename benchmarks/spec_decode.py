@@ -17,13 +17,12 @@ import asyncio
 import json
 import statistics
 
-import httpx
-
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import load_tokenizer
 from tandem.procs import answers_ready
 
 # The script's own folder is on sys.path when it runs as a file.
+from kv_store import counters  # isort: skip
 from offline_throughput import machine  # isort: skip
 from router_cache import Request, Workload, drive  # isort: skip
 from router_peers import exit_on_sigterm, process, tandem_replica  # isort: skip
@@ -64,13 +63,9 @@ def prompts(tokenizer, kind: str, n: int) -> list[str]:
 
 def spec_counters(url: str) -> tuple[float, float]:
     """Proposed and accepted tokens so far, from /metrics."""
-    values = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tandem:spec_decode_num_"):
-            name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
-            values[name] = float(value)
-    return (values.get("tandem:spec_decode_num_draft_tokens_total", 0.0),
-            values.get("tandem:spec_decode_num_accepted_tokens_total", 0.0))
+    c = counters(url)
+    return (c.get("spec_decode_num_draft_tokens_total", 0.0),
+            c.get("spec_decode_num_accepted_tokens_total", 0.0))
 
 
 def measure(args: argparse.Namespace, tokenizer, mode: str) -> dict[str, dict]:

@@ -162,19 +162,19 @@ class KVCacheManager:
         tokens; never named, so they go first in line for reuse)."""
         keep = cdiv(num_tokens, self.block_size)
         while len(req.block_table) > keep:
-            block_id = req.block_table.pop()
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free[block_id] = None
-                self.free.move_to_end(block_id, last=False)
+            self._release(req.block_table.pop())
 
     def free_request(self, req: Request) -> None:
         # Reverse order: a prompt's tail blocks are the least likely to be shared, so evict them first.
         for block_id in reversed(req.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free[block_id] = None
-                if self.block_hash[block_id] is None:
-                    self.free.move_to_end(block_id, last=False)
+            self._release(block_id)
         req.block_table = []
         self.num_cached_blocks.pop(req.request_id, None)
+
+    def _release(self, block_id: int) -> None:
+        """One reference fewer; a block nobody holds is free, an unnamed one first in line."""
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            self.free[block_id] = None
+            if self.block_hash[block_id] is None:
+                self.free.move_to_end(block_id, last=False)
