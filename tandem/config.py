@@ -53,7 +53,8 @@ class EngineConfig:
     kv_store: str | None = None  # redis://host:port[/db] or file:///dir
     kv_store_timeout: float = 1.0
     kv_store_write_through: bool = False
-    # {"method": "ngram", "num_speculative_tokens": k, ...} (tandem/spec/config.py), or its JSON
+    # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    # (tandem/spec/config.py), or its JSON
     speculative_config: dict | str | None = None
     # TANDEM_ENFORCE_EAGER=1 makes eager the default: the test suite builds hundreds of engines,
     # and tracing each under coverage would cost minutes; tests/engine/test_compile.py asks for
@@ -104,6 +105,12 @@ class EngineConfig:
         if self.tensor_parallel_size % self.nnodes:
             raise ValueError(f"nnodes: {self.nnodes} nodes cannot split "
                              f"{self.tensor_parallel_size} ranks evenly")
+        if (self.tensor_parallel_size > 1 and self.speculative_config is not None
+                and self.speculative_config["method"] == "draft_model"):
+            # The draft would load as this process's shard of a TP model; it needs its own
+            # one-rank model state, which the layers (parallel_state) do not support yet.
+            raise ValueError("speculative_config.method: draft_model does not run with "
+                             "tensor_parallel_size > 1 yet; use ngram")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank: must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and self.master_port is None:
@@ -264,7 +271,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "evicted, so other replicas see it at once")
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
-                        '"num_speculative_tokens": 4, "prompt_lookup_max": 5}\'')
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 5}\' or '
+                        '\'{"method": "draft_model", "model": PATH, '
+                        '"num_speculative_tokens": 4}\'')
     p.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="run the model eagerly: no torch.compile of the decode step")
     p.add_argument("--seed", type=int, default=d.seed)

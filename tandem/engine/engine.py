@@ -23,6 +23,7 @@ from tandem.kv_store.tiers import make_tiers
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
 from tandem.spec.adaptive import observe, proposal_length
+from tandem.spec.draft import DraftProposer
 from tandem.spec.ngram import propose_ngram
 
 
@@ -73,6 +74,12 @@ class LLMEngine:
             self.kv.on_evict = self.tiers.on_evict
             self.kv.newly_cached = []
             self.scheduler.tiers = self.tiers
+        spec = config.speculative_config
+        self.drafter: DraftProposer | None = None
+        if spec is not None and spec["method"] == "draft_model":
+            self.drafter = DraftProposer(config, self.vocab_size, self.tokenizer,
+                                         self.runner.device, self.runner.num_blocks)
+            self.scheduler.on_finish = self.drafter.forget
         self.parents: dict[str, _Parent] = {}
         self.children: dict[str, tuple[_Parent, _Child]] = {}
         self.stats = EngineStats()
@@ -172,14 +179,23 @@ class LLMEngine:
         as its recent acceptance allows (spec/adaptive.py), never past its max_tokens or the
         context length."""
         spec = self.config.speculative_config
+        wants = []
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             room = min(req.params.max_tokens - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
             k = min(proposal_length(req, spec["num_speculative_tokens"]), room)
+            if k > 0:
+                wants.append((req, k))
+        if self.drafter is not None:
+            proposals = self.drafter.propose(wants)
+            for req, _ in wants:
+                req.spec_token_ids = proposals.get(req.request_id, [])
+            return
+        for req, k in wants:
             req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
-                                               spec["prompt_lookup_max"]) if k > 0 else []
+                                               spec["prompt_lookup_max"])
 
     def step(self) -> list[RequestOutput]:
         if self.config.speculative_config is not None:

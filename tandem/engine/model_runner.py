@@ -32,7 +32,9 @@ from tandem.spec.verify import verify
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, folder: str,
-                 group: TPGroup | None = None, device: torch.device | None = None):
+                 group: TPGroup | None = None, device: torch.device | None = None,
+                 num_blocks: int | None = None):
+        """`num_blocks` sizes the KV pool in blocks instead of by config.kv_cache_memory."""
         self.group = group or TPGroup()
         self.device, self.dtype = device or config.torch_device, config.torch_dtype
         self.block_size = config.block_size
@@ -56,7 +58,7 @@ class ModelRunner:
             layer.backend = backend
         memory = config.kv_cache_memory or default_kv_cache_memory(self.device)
         # Every rank holds its own heads of the same blocks: the smallest pool decides.
-        self.num_blocks = self.group.all_reduce_min(memory // self.bytes_per_block)
+        self.num_blocks = num_blocks or self.group.all_reduce_min(memory // self.bytes_per_block)
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {memory} bytes hold no block of "
                              f"{self.bytes_per_block} bytes")

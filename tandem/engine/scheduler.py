@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ class Scheduler:
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
         self.spec_accepted_by_position: list[int] = []
+        self.on_finish: Callable[[Request], None] | None = None  # a draft model's pool frees it
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -157,6 +159,8 @@ class Scheduler:
             if self.tiers is not None:
                 self.tiers.forget(req)
         self.kv.free_request(req)
+        if self.on_finish is not None:
+            self.on_finish(req)
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)

@@ -39,8 +39,6 @@ def test_config_defaults_and_json():
     ("{", r"^speculative_config: not valid JSON"),
     ("[1]", r"^speculative_config: must be a JSON object"),
     ({"method": "eagle", "num_speculative_tokens": 2}, r"^speculative_config.method: must be"),
-    ({"method": "draft_model", "model": "m", "num_speculative_tokens": 2},
-     r"^speculative_config.method: draft_model is not implemented"),
     ({"method": "ngram"}, r"^speculative_config.num_speculative_tokens: must be an integer"),
     ({"method": "ngram", "num_speculative_tokens": 17}, r"num_speculative_tokens: .*\[1, 16\]"),
     ({"method": "ngram", "num_speculative_tokens": True}, r"num_speculative_tokens"),

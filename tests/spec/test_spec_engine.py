@@ -1,40 +1,15 @@
-"""Speculative decoding with n-gram proposals on the real SmolLM2 (float32): greedy tokens equal
-the non-speculative engine's, in one batch of prompts some of which repeat themselves (many
+"""Speculative decoding on the real SmolLM2 (float32), with n-gram proposals and with SmolLM2 as
+its own draft model: greedy tokens equal the non-speculative engine's, in one batch of prompts some of which repeat themselves (many
 proposals accepted) and some not, also with chunked prefill, with preemption, with stop
-strings, logprobs and n > 1; seeded sampling repeats; the pool is idle afterwards."""
+strings, logprobs and n > 1; seeded sampling repeats; the pools are idle afterwards."""
 from __future__ import annotations
 
 import pytest
+from spec_helpers import GREEDY, PROMPTS, SPEC, assert_idle, config, make, tokens
 
 from tandem import LLM, SamplingParams
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
-PROMPTS = [
-    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog. The quick",
-    ("def add(a, b):\n    return a + b\n\n\ndef add_three(a, b, c):\n    return a + b + c\n\n\n"
-    "def add_four(a, b, c, d):\n"),
-    "The capital of France is",
-    "Hi",
-    ("Copy the list exactly: apple, banana, cherry, date, elderberry, fig, grape.\nCopy: apple, "
-    "banana,"),
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-]
-GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-
-
-def make(model: str, **kw) -> LLM:
-    return LLM(model=model, dtype="float32", quantization="none", **kw)
-
-
-def tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
-    return [list(c.token_ids) for o in llm.generate(PROMPTS, params) for c in o.outputs]
-
-
-def assert_idle(llm: LLM) -> None:
-    kv = llm.engine.kv
-    assert not llm.engine.has_unfinished_requests()
-    assert kv.num_free_blocks == kv.num_blocks and all(r == 0 for r in kv.ref_counts)
+METHODS = ["ngram", "draft"]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +17,12 @@ def plain(smollm2_dir) -> LLM:
     return make(smollm2_dir, kv_cache_memory="64MiB")
 
 
-@pytest.fixture(scope="module")
-def spec(smollm2_dir) -> LLM:
-    return make(smollm2_dir, kv_cache_memory="64MiB", speculative_config=SPEC)
+@pytest.fixture(scope="module", params=METHODS)
+def spec(request, smollm2_dir) -> LLM:
+    llm = make(smollm2_dir, kv_cache_memory="64MiB",
+               speculative_config=config(request.param, smollm2_dir))
+    yield llm
+    llm.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +37,8 @@ def test_greedy_tokens_equal_the_plain_engines_and_proposals_are_accepted(spec, 
     # The repetitive prompts make proposals the model agrees with: tokens for free.
     assert s.spec_draft_tokens > 40 and s.spec_accepted_tokens > 20, \
         (s.spec_draft_tokens, s.spec_accepted_tokens)
+    if spec.engine.drafter is not None:  # the target drafting for itself: all accepted
+        assert s.spec_accepted_tokens == s.spec_draft_tokens
     by_pos = s.spec_accepted_by_position
     assert len(by_pos) == 4 and by_pos[0] > 0 and by_pos == sorted(by_pos, reverse=True)
     assert sum(s.spec_accepted_by_position) == s.spec_accepted_tokens
@@ -69,8 +49,10 @@ def test_greedy_tokens_equal_the_plain_engines_and_proposals_are_accepted(spec, 
     {"max_num_batched_tokens": 24},  # prefill chunks and proposals share a small budget
     {"kv_cache_memory": 16 * 737_280},  # 16 blocks for 6 requests: preemption
 ], ids=["chunked_prefill", "preemption"])
-def test_greedy_tokens_hold_under_pressure(smollm2_dir, want, kw):
-    llm = make(smollm2_dir, **({"kv_cache_memory": "64MiB"} | kw), speculative_config=SPEC)
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_tokens_hold_under_pressure(smollm2_dir, want, kw, method):
+    llm = make(smollm2_dir, **({"kv_cache_memory": "64MiB"} | kw),
+               speculative_config=config(method, smollm2_dir))
     try:
         got = tokens(llm)
         assert got == want
