@@ -92,9 +92,9 @@ QuantWeight = Int4Weight | Int8Weight | Q8Weight
 @torch.inference_mode()
 def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
     """The LM head's Q8_0 table, by what is fastest on this CPU for a decode step
-    (benchmarks/q8_head.py). With AVX-512, Inductor's fused kernel: compiled for one and two rows
-    now rather than on the first request (larger steps compile theirs on first use, about a
-    second each), none under --enforce-eager. With AVX2 only, that kernel's int8 loads are not
+    (benchmarks/q8_head.py). With AVX-512, Inductor's fused kernel: compiled for one to eight rows
+    (decode batches and speculative verifications) now rather than on the first request (larger
+    steps compile theirs on first use, about a second each), none under --enforce-eager. With AVX2 only, that kernel's int8 loads are not
     vectorized (22 ms at one row against 2.7 with AVX-512), so steps of up to
     F16_HEAD_MAX_ROWS rows read a float16 copy (3.9 ms; top-1 99.8% against the exact head),
     which costs its memory (counted in weight_bytes)."""
@@ -105,5 +105,5 @@ def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
             if cpu_isa() not in ("AVX512", "AMX") and q.codes.device.type == "cpu":
                 q.f16 = dequantize_q8_0(q.codes, q.scale).half()
             elif q.fused:
-                for rows in (1, 2):
+                for rows in range(1, 9):
                     q(torch.zeros(rows, q.codes.shape[1], device=q.codes.device))
