@@ -1,12 +1,14 @@
 """Speculative decoding through `tandem serve`: output tok/s, time per output token and
-acceptance, speculation off against n-gram proposals, on two workloads:
+acceptance, speculation off against n-gram proposals and a draft model, on two workloads:
 
   grounded   chat prompts that ask to repeat a given code block with one name changed: the
              output repeats the input, which is where n-gram proposals pay
   open       open-ended chat questions: the output rarely repeats the prompt
 
 Each configuration gets a fresh server (greedy, ignore_eos, --output-len tokens), the
-workloads run at each --concurrency, and --runs rounds alternate the order of off and on.
+workloads run at each --concurrency, and --runs rounds rotate the order of the --modes.
+--server-args go to every server (e.g. "--quantization none" for a dense target, which the
+4-bit file itself can then draft for: --draft-model smollm2).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/spec_decode.py
 """
@@ -44,7 +46,7 @@ QUESTIONS = [
     "Explain how a bicycle stays upright while it moves.",
     "Describe your ideal weekend in a few sentences.",
 ]
-OFF, NGRAM = "off", "ngram"
+OFF, NGRAM, DRAFT = "off", "ngram", "draft"
 
 
 def prompts(tokenizer, kind: str, n: int) -> list[str]:
@@ -69,11 +71,14 @@ def spec_counters(url: str) -> tuple[float, float]:
 
 
 def measure(args: argparse.Namespace, tokenizer, mode: str) -> dict[str, dict]:
-    extra = ["--max-model-len", "2048"]
+    extra = ["--max-model-len", "2048", *args.server_args.split()]
     if mode == NGRAM:
         extra += ["--speculative-config", json.dumps(
             {"method": "ngram", "num_speculative_tokens": args.k,
              "prompt_lookup_max": args.lookup_max})]
+    elif mode == DRAFT:
+        extra += ["--speculative-config", json.dumps(
+            {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k})]
     cmd, url = tandem_replica(args.model, *extra)
     out = {}
     with process(cmd, url, answers_ready):
@@ -112,34 +117,48 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=[OFF, NGRAM], choices=[OFF, NGRAM, DRAFT])
+    p.add_argument("--draft-model", default="smollm2", help="the draft for --modes draft")
+    p.add_argument("--server-args", default="", help="more `tandem serve` flags, for every mode")
     p.add_argument("--json", help="write every raw number here")
     args = p.parse_args()
+    if args.modes[0] != OFF:
+        p.error("--modes: off first (speed-ups are against it)")
     exit_on_sigterm()
     tokenizer = load_tokenizer(resolve_model(args.model))
-    runs: dict[str, list[dict]] = {OFF: [], NGRAM: []}
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for i in range(args.runs):
-        for mode in ((OFF, NGRAM) if i % 2 == 0 else (NGRAM, OFF)):
+        shift = i % len(args.modes)
+        for mode in args.modes[shift:] + args.modes[:shift]:
             print(f"run {i + 1}/{args.runs}: {mode} ...", flush=True)
             runs[mode].append(measure(args, tokenizer, mode))
     info = machine()
+    on = args.modes[1:]
     lines = [(f"Machine: {info['cpu']}; flags: {info['flags']}; {info['cores']} cores. Model "
-             f"{args.model}, greedy, {args.output_len} tokens out (ignore_eos), "
-             f"{args.per_c} x C requests per workload; n-gram k={args.k}, prompt_lookup_max="
-             f"{args.lookup_max}; medians of {args.runs} run(s)."), "",
-             ("| workload | C | off tok/s | n-gram tok/s | speed-up | off TPOT (ms) | n-gram TPOT "
-             "(ms) | acceptance |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              f"{args.model} {args.server_args}, greedy, {args.output_len} tokens out "
+              f"(ignore_eos), {args.per_c} x C requests per workload; k={args.k}, n-gram "
+              f"prompt_lookup_max={args.lookup_max}, draft {args.draft_model}; medians of "
+              f"{args.runs} run(s)."), "",
+             "| workload | C | off tok/s | " + " | ".join(
+                 f"{m} tok/s | speed-up | {m} TPOT (ms) | acceptance" for m in on)
+             + " | off TPOT (ms) |",
+             "|---|---:|---:|" + "---:|---:|---:|---:|" * len(on) + "---:|"]
+
     def med(mode: str, key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in runs[mode])
 
     for key in runs[OFF][0]:
-
-        speedup = statistics.median(on[key]["output_tok_s"] / off[key]["output_tok_s"]
-                                    for off, on in zip(runs[OFF], runs[NGRAM]))
         kind, c = key.rsplit("-c", 1)
-        lines.append(f"| {kind} | {c} | {med(OFF, key, 'output_tok_s'):.1f} | "
-                     f"{med(NGRAM, key, 'output_tok_s'):.1f} | {speedup:.2f}x | "
-                     f"{med(OFF, key, 'tpot_ms'):.1f} | {med(NGRAM, key, 'tpot_ms'):.1f} | "
-                     f"{100 * med(NGRAM, key, 'acceptance'):.0f}% |")
+        cells = [kind, c, f"{med(OFF, key, 'output_tok_s'):.1f}"]
+        for mode in on:
+            # Pairs from the same round: each ratio has the same machine weather.
+            speedup = statistics.median(b[key]["output_tok_s"] / a[key]["output_tok_s"]
+                                        for a, b in zip(runs[OFF], runs[mode]))
+            cells += [f"{med(mode, key, 'output_tok_s'):.1f}", f"{speedup:.2f}x",
+                      f"{med(mode, key, 'tpot_ms'):.1f}",
+                      f"{100 * med(mode, key, 'acceptance'):.0f}%"]
+        cells.append(f"{med(OFF, key, 'tpot_ms'):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

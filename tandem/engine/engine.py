@@ -22,7 +22,8 @@ from tandem.kv_store.format import engine_model_id
 from tandem.kv_store.tiers import make_tiers
 from tandem.loader.model_path import resolve_model
 from tandem.loader.tokenizer import check_text, eos_token_ids, load_tokenizer
-from tandem.spec.adaptive import observe, proposal_length
+from tandem.spec.adaptive import acceptance_rate, observe, proposal_length
+from tandem.spec.cost import StepCosts
 from tandem.spec.draft import DraftProposer
 from tandem.spec.ngram import propose_ngram
 
@@ -76,6 +77,9 @@ class LLMEngine:
             self.scheduler.tiers = self.tiers
         spec = config.speculative_config
         self.drafter: DraftProposer | None = None
+        # n-gram proposals are free to make, so their rows are the whole cost: verified only as
+        # far as they pay (spec/cost.py). A draft model's passes are a cost of their own.
+        self.spec_costs = StepCosts() if spec is not None and spec["method"] == "ngram" else None
         if spec is not None and spec["method"] == "draft_model":
             self.drafter = DraftProposer(config, self.vocab_size, self.tokenizer,
                                          self.runner.device, self.runner.num_blocks)
@@ -177,12 +181,13 @@ class LLMEngine:
     def _propose(self) -> None:
         """Speculation: proposed next tokens for each running request about to decode, as many
         as its recent acceptance allows (spec/adaptive.py), never past its max_tokens or the
-        context length."""
+        context length; n-gram proposals only as far as their rows pay (spec/cost.py)."""
         spec = self.config.speculative_config
-        wants = []
+        wants, decodes = [], 0
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
+            decodes += 1
             room = min(req.params.max_tokens - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
             k = min(proposal_length(req, spec["num_speculative_tokens"]), room)
@@ -193,9 +198,17 @@ class LLMEngine:
             for req, _ in wants:
                 req.spec_token_ids = proposals.get(req.request_id, [])
             return
+        extra = 0
         for req, k in wants:
-            req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
-                                               spec["prompt_lookup_max"])
+            drafts = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
+                                   spec["prompt_lookup_max"])
+            # Not for seeded requests: their proposals, which the rejection sampler's draws
+            # follow, must not depend on how fast a step happened to run.
+            if drafts and self.spec_costs is not None and req.generator is None:
+                drafts = drafts[:self.spec_costs.worth(decodes, extra, len(drafts),
+                                                       acceptance_rate(req))]
+            req.spec_token_ids = drafts
+            extra += len(drafts)
 
     def step(self) -> list[RequestOutput]:
         if self.config.speculative_config is not None:
@@ -205,8 +218,13 @@ class LLMEngine:
             if self.tiers is not None:  # requests waiting for a load: nothing else to do
                 self.tiers.wait(0.01)
             return []
+        # Decode rows only (one-token decodes and verifications): a sample of t(rows).
+        decode_only = all(n == 1 + len(req.spec_token_ids)
+                          for req, n in zip(sched.requests, sched.num_tokens))
         start = time.monotonic()
         results = self.runner.execute(sched)
+        if self.spec_costs is not None and decode_only:
+            self.spec_costs.observe(sum(sched.num_tokens), time.monotonic() - start)
         if self.tiers is not None:
             self.tiers.observe_step(sum(sched.num_tokens), time.monotonic() - start)
             computed, self.kv.newly_cached = self.kv.newly_cached, []
@@ -218,7 +236,7 @@ class LLMEngine:
             k = self.config.speculative_config["num_speculative_tokens"]
             for req, tokens, _ in results:
                 if proposed[req.request_id]:
-                    observe(req, k, len(tokens) - 1)
+                    observe(req, k, len(tokens) - 1, proposed[req.request_id])
         touched: dict[str, _Parent] = {}
         for req, _, logprobs in results:
             parent, child = self.children[req.request_id]

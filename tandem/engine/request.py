@@ -47,6 +47,8 @@ class Request:
         self.spec_k: int | None = None
         self.spec_backoff = 0
         self.spec_misses = 0
+        self.spec_accepted_w = 0.0  # decayed counts behind acceptance_rate (spec/adaptive.py)
+        self.spec_rejected_w = 0.0
         self.kv_store_checked = False  # the shared KV store was asked for this prompt's blocks
         # A private generator makes seeded sampling independent of the rest of the batch.
         self.generator: torch.Generator | None = None

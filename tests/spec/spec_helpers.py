@@ -27,8 +27,13 @@ def config(method: str, model_dir: str) -> dict:
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
-def make(model: str, **kw) -> LLM:
-    return LLM(model=model, dtype="float32", quantization="none", **kw)
+def make(model: str, *, cost_aware: bool = False, **kw) -> LLM:
+    """A float32 engine. Proposals are trimmed by measured step times (spec/cost.py) only
+    with `cost_aware`: elsewhere the tests count proposals, which timing must not change."""
+    llm = LLM(model=model, dtype="float32", quantization="none", **kw)
+    if not cost_aware:
+        llm.engine.spec_costs = None
+    return llm
 
 
 def tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:

@@ -109,3 +109,16 @@ def test_counters_reach_metrics_and_the_stats_line(spec, plain):
     assert f"{s.spec_accepted_tokens}/{s.spec_draft_tokens} proposed tokens accepted" \
         in logger.maybe_log()
     assert "spec_decode" not in render_metrics(plain.engine, "m")  # speculation off: none
+
+
+def test_cost_aware_proposals_keep_the_tokens_and_learn_step_times(smollm2_dir, want):
+    llm = make(smollm2_dir, cost_aware=True, kv_cache_memory="64MiB", speculative_config=SPEC)
+    try:
+        assert tokens(llm) == want
+        costs = llm.engine.spec_costs.seconds
+        # Decode-only steps of all 7 requests, and steps with proposal rows beside them.
+        assert 7 in costs and max(costs) > 7, costs
+        assert all(t > 0 for t in costs.values())
+        assert_idle(llm)
+    finally:
+        llm.shutdown()

@@ -1,0 +1,60 @@
+"""Whether proposed tokens pay for their verification, from measured step times.
+
+A step of r rows takes t(r). Without speculation a batch of N decodes makes N tokens in t(N).
+The j-th proposed token of a request adds a row, t(r + 1) - t(r) seconds, and yields a token
+only if it and every proposal before it are accepted: alpha ** j tokens expected, alpha being
+that request's acceptance rate. A row is worth adding while alpha ** j exceeds the tokens the
+batch would make in that time, (t(r + 1) - t(r)) * N / t(N). On one stream verification rows
+are cheap (a 4-bit CPU step of 2 rows costs ~1.15 of 1), so a modest rate pays; in a batch
+that is already compute-bound each row costs about what a decode does, and only proposals
+that are nearly sure to be accepted go ahead.
+
+t(r) is an average of decode-only steps of r rows as they happen; counts never seen are
+interpolated between the nearest seen ones, or assumed cheap above the largest (so they get
+tried once and measured).
+"""
+from __future__ import annotations
+
+DECAY = 0.1  # weight of a new sample in a row count's running average
+UNSEEN_ROW = 0.05  # an unmeasured row past the largest measured count: this fraction of t(max)
+
+
+class StepCosts:
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode-only step of `rows` rows took `seconds`."""
+        old = self.seconds.get(rows)
+        # Capped: one step stalled by a neighbour on a shared machine must not stop speculation.
+        self.seconds[rows] = seconds if old is None else old + DECAY * (min(seconds, 2 * old) - old)
+
+    def time(self, rows: int) -> float | None:
+        """Estimated seconds of a step of `rows` rows; None before any step was seen."""
+        if rows in self.seconds:
+            return self.seconds[rows]
+        below = max((r for r in self.seconds if r < rows), default=None)
+        above = min((r for r in self.seconds if r > rows), default=None)
+        if below is None and above is None:
+            return None
+        if above is None:
+            t = self.seconds[below]
+            return t * (1 + UNSEEN_ROW * (rows - below))
+        if below is None:
+            return self.seconds[above] * rows / above
+        lo, hi = self.seconds[below], self.seconds[above]
+        return lo + (hi - lo) * (rows - below) / (above - below)
+
+    def worth(self, decodes: int, extra: int, k: int, alpha: float) -> int:
+        """How many of k proposed tokens to verify for a request with acceptance rate `alpha`,
+        in a step of `decodes` one-token rows to which `extra` proposal rows were already
+        added."""
+        base = self.time(decodes)
+        if base is None:
+            return k
+        rate = decodes / base  # tokens a second without speculation
+        for j in range(1, k + 1):
+            rows = decodes + extra + j
+            if alpha ** j < (self.time(rows) - self.time(rows - 1)) * rate:
+                return j - 1
+        return k

@@ -1,0 +1,51 @@
+"""Verification rows go ahead only where the expected accepted tokens pay for their time."""
+import pytest
+
+from tandem.spec.cost import UNSEEN_ROW, StepCosts
+
+
+def costs(ms: dict[int, float]) -> StepCosts:
+    c = StepCosts()
+    for rows, t in ms.items():
+        c.observe(rows, t / 1000)
+    return c
+
+
+def test_unmeasured_row_counts_are_interpolated_or_assumed_cheap():
+    c = costs({1: 10, 5: 18})
+    assert c.time(1) == pytest.approx(0.010)
+    assert c.time(3) == pytest.approx(0.014)
+    assert c.time(7) == pytest.approx(0.018 * (1 + 2 * UNSEEN_ROW))
+    assert costs({4: 20}).time(2) == pytest.approx(0.010)
+    assert StepCosts().time(3) is None
+
+
+def test_a_stalled_step_moves_the_average_only_a_little():
+    c = costs({2: 10})
+    c.observe(2, 1.0)  # a neighbour's burst: capped at twice the average before it counts
+    assert c.time(2) == pytest.approx(0.011)
+
+
+def test_one_stream_verifies_what_a_modest_rate_pays_for():
+    # One row 10 ms, each further row 1.5 ms: a row pays while alpha ** j > 0.15.
+    c = costs({1: 10, 2: 11.5, 3: 13, 4: 14.5, 5: 16})
+    assert c.worth(1, 0, 4, 0.9) == 4
+    assert c.worth(1, 0, 4, 0.5) == 2  # 0.5, 0.25 pay; 0.125 does not
+    assert c.worth(1, 0, 4, 0.1) == 0
+    # A jump in cost (a kernel route switch) stops a proposal before it.
+    jump = costs({1: 10, 2: 11, 3: 12, 4: 13, 5: 20})
+    assert jump.worth(1, 0, 4, 0.8) == 3
+
+
+def test_a_compute_bound_batch_verifies_only_near_sure_proposals():
+    # 8 decodes in 24 ms (3 ms a token); each further row costs 2.5 ms: needs alpha ** j > 0.83.
+    c = costs({8: 24, 16: 44})
+    assert c.worth(8, 0, 4, 0.5) == 0
+    assert c.worth(8, 0, 4, 0.95) == 3
+    # Rows other requests already added count: the same request gets fewer past a jump.
+    c.observe(11, 0.040)
+    assert c.worth(8, 2, 4, 0.95) == 0
+
+
+def test_nothing_measured_yet_proposes_everything():
+    assert StepCosts().worth(1, 0, 3, 0.01) == 3
