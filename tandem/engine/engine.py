@@ -200,13 +200,13 @@ class LLMEngine:
             return
         extra = 0
         for req, k in wants:
-            drafts = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
-                                   spec["prompt_lookup_max"])
             # Not for seeded requests: their proposals, which the rejection sampler's draws
             # follow, must not depend on how fast a step happened to run.
-            if drafts and self.spec_costs is not None and req.generator is None:
-                drafts = drafts[:self.spec_costs.worth(decodes, extra, len(drafts),
-                                                       acceptance_rate(req))]
+            if self.spec_costs is not None and req.generator is None:
+                # First, so that a batch where no row pays skips the lookups too.
+                k = self.spec_costs.worth(decodes, extra, k, acceptance_rate(req))
+            drafts = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
+                                   spec["prompt_lookup_max"]) if k else []
             req.spec_token_ids = drafts
             extra += len(drafts)
 

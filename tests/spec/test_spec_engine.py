@@ -122,3 +122,15 @@ def test_cost_aware_proposals_keep_the_tokens_and_learn_step_times(smollm2_dir, 
         assert_idle(llm)
     finally:
         llm.shutdown()
+
+
+def test_ngram_speculation_under_tensor_parallelism(smollm2_dir, want):
+    """Rank 0 proposes, schedules and verifies; the workers only run the verification rows."""
+    llm = make(smollm2_dir, kv_cache_memory="64MiB", speculative_config=SPEC,
+               tensor_parallel_size=3)
+    try:
+        assert tokens(llm) == want
+        assert llm.engine.scheduler.spec_accepted_tokens > 20
+        assert_idle(llm)
+    finally:
+        llm.shutdown()
