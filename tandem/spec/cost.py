@@ -9,28 +9,46 @@ are cheap (a 4-bit CPU step of 2 rows costs ~1.15 of 1), so a modest rate pays; 
 that is already compute-bound each row costs about what a decode does, and only proposals
 that are nearly sure to be accepted go ahead.
 
-t(r) is an average of decode-only steps of r rows as they happen; counts never seen are
-interpolated between the nearest seen ones, or assumed cheap above the largest (so they get
-tried once and measured).
+t(r) is an average of decode-only steps of r rows as they happen, trusted from MIN_SAMPLES
+steps on; other counts are interpolated between the nearest trusted ones, or assumed cheap
+above the largest (so they get tried and measured). One refused row in EXPLORE_EVERY is
+verified anyway, so an average that a noisy moment inflated gets measured again rather than
+turning speculation off for good.
 """
 from __future__ import annotations
 
 DECAY = 0.1  # weight of a new sample in a row count's running average
 UNSEEN_ROW = 0.05  # an unmeasured row past the largest measured count: this fraction of t(max)
+MIN_SAMPLES = 4
+EXPLORE_EVERY = 64
 
 
 class StepCosts:
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}  # trusted averages by row count
+        self._pending: dict[int, list[float]] = {}  # first samples of a row count
+        self.refusals = 0
+
+    @property
+    def rows_seen(self) -> set[int]:
+        """Row counts with at least one measured step."""
+        return set(self.seconds) | set(self._pending)
 
     def observe(self, rows: int, seconds: float) -> None:
         """A decode-only step of `rows` rows took `seconds`."""
         old = self.seconds.get(rows)
-        # Capped: one step stalled by a neighbour on a shared machine must not stop speculation.
-        self.seconds[rows] = seconds if old is None else old + DECAY * (min(seconds, 2 * old) - old)
+        if old is not None:
+            # Capped: one step stalled by a neighbour on a shared machine moves it a little.
+            self.seconds[rows] = old + DECAY * (min(seconds, 2 * old) - old)
+            return
+        first = self._pending.setdefault(rows, [])
+        first.append(seconds)
+        if len(first) >= MIN_SAMPLES:
+            self.seconds[rows] = sorted(first)[len(first) // 2]
+            del self._pending[rows]
 
     def time(self, rows: int) -> float | None:
-        """Estimated seconds of a step of `rows` rows; None before any step was seen."""
+        """Estimated seconds of a step of `rows` rows; None before any count is trusted."""
         if rows in self.seconds:
             return self.seconds[rows]
         below = max((r for r in self.seconds if r < rows), default=None)
@@ -56,5 +74,6 @@ class StepCosts:
         for j in range(1, k + 1):
             rows = decodes + extra + j
             if alpha ** j < (self.time(rows) - self.time(rows - 1)) * rate:
-                return j - 1
+                self.refusals += 1
+                return j if self.refusals % EXPLORE_EVERY == 0 else j - 1
         return k

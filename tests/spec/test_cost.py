@@ -1,13 +1,14 @@
 """Verification rows go ahead only where the expected accepted tokens pay for their time."""
 import pytest
 
-from tandem.spec.cost import UNSEEN_ROW, StepCosts
+from tandem.spec.cost import EXPLORE_EVERY, MIN_SAMPLES, UNSEEN_ROW, StepCosts
 
 
 def costs(ms: dict[int, float]) -> StepCosts:
     c = StepCosts()
     for rows, t in ms.items():
-        c.observe(rows, t / 1000)
+        for _ in range(MIN_SAMPLES):
+            c.observe(rows, t / 1000)
     return c
 
 
@@ -43,9 +44,25 @@ def test_a_compute_bound_batch_verifies_only_near_sure_proposals():
     assert c.worth(8, 0, 4, 0.5) == 0
     assert c.worth(8, 0, 4, 0.95) == 3
     # Rows other requests already added count: the same request gets fewer past a jump.
-    c.observe(11, 0.040)
+    for _ in range(MIN_SAMPLES):
+        c.observe(11, 0.040)
     assert c.worth(8, 2, 4, 0.95) == 0
 
 
 def test_nothing_measured_yet_proposes_everything():
     assert StepCosts().worth(1, 0, 3, 0.01) == 3
+
+
+def test_a_row_count_is_trusted_from_the_median_of_its_first_samples():
+    c = costs({1: 10})
+    for t in (12, 60, 11):  # a stalled step among the first
+        c.observe(2, t / 1000)
+        assert c.time(2) == pytest.approx(0.010 * (1 + UNSEEN_ROW))  # not trusted yet
+    c.observe(2, 0.0115)
+    assert c.time(2) == pytest.approx(0.012)
+
+
+def test_refused_rows_are_probed_now_and_then():
+    c = costs({1: 10, 2: 20})  # a second row costs a whole step: never pays
+    got = [c.worth(1, 0, 2, 0.9) for _ in range(2 * EXPLORE_EVERY)]
+    assert got.count(1) == 2 and got.count(0) == 2 * EXPLORE_EVERY - 2

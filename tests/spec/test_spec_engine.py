@@ -115,10 +115,10 @@ def test_cost_aware_proposals_keep_the_tokens_and_learn_step_times(smollm2_dir, 
     llm = make(smollm2_dir, cost_aware=True, kv_cache_memory="64MiB", speculative_config=SPEC)
     try:
         assert tokens(llm) == want
-        costs = llm.engine.spec_costs.seconds
+        costs = llm.engine.spec_costs
         # Decode-only steps of all 7 requests, and steps with proposal rows beside them.
-        assert 7 in costs and max(costs) > 7, costs
-        assert all(t > 0 for t in costs.values())
+        assert 7 in costs.rows_seen and max(costs.rows_seen) > 7, costs.rows_seen
+        assert all(t > 0 for t in costs.seconds.values())
         assert_idle(llm)
     finally:
         llm.shutdown()
