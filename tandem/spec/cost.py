@@ -10,15 +10,16 @@ that is already compute-bound each row costs about what a decode does, and only 
 that are nearly sure to be accepted go ahead.
 
 t(r) is an average of decode-only steps of r rows as they happen, trusted from MIN_SAMPLES
-steps on; other counts are interpolated between the nearest trusted ones, or assumed cheap
-above the largest (so they get tried and measured). One refused row in EXPLORE_EVERY is
-verified anyway, so an average that a noisy moment inflated gets measured again rather than
-turning speculation off for good.
+steps on; other counts are interpolated between the nearest trusted ones, or extrapolated past
+the largest with the per-row slope of the two largest (a decode row in a batch costs about what
+a verification row does), and never taken below the fastest step already seen with that count.
+One refused row in EXPLORE_EVERY is verified anyway, so an average that a noisy moment inflated
+gets measured again rather than turning speculation off for good.
 """
 from __future__ import annotations
 
 DECAY = 0.1  # weight of a new sample in a row count's running average
-UNSEEN_ROW = 0.05  # an unmeasured row past the largest measured count: this fraction of t(max)
+UNSEEN_ROW = 0.05  # per-row slope past the only trusted count: this fraction of its time
 MIN_SAMPLES = 4
 EXPLORE_EVERY = 64
 
@@ -48,20 +49,29 @@ class StepCosts:
             del self._pending[rows]
 
     def time(self, rows: int) -> float | None:
-        """Estimated seconds of a step of `rows` rows; None before any count is trusted."""
+        """Estimated seconds of a step of `rows` rows; None before any step was seen."""
         if rows in self.seconds:
             return self.seconds[rows]
-        below = max((r for r in self.seconds if r < rows), default=None)
-        above = min((r for r in self.seconds if r > rows), default=None)
+        est = self._estimate(rows)
+        first = self._pending.get(rows)
+        if first:  # the least a few steps took: a stall among them does not count
+            est = min(first) if est is None else max(est, min(first))
+        return est
+
+    def _estimate(self, rows: int) -> float | None:
+        known = self.seconds
+        below = max((r for r in known if r < rows), default=None)
+        above = min((r for r in known if r > rows), default=None)
         if below is None and above is None:
             return None
         if above is None:
-            t = self.seconds[below]
-            return t * (1 + UNSEEN_ROW * (rows - below))
+            prev = max((r for r in known if r < below), default=None)
+            slope = (UNSEEN_ROW * known[below] if prev is None
+                     else max(0.0, (known[below] - known[prev]) / (below - prev)))
+            return known[below] + slope * (rows - below)
         if below is None:
-            return self.seconds[above] * rows / above
-        lo, hi = self.seconds[below], self.seconds[above]
-        return lo + (hi - lo) * (rows - below) / (above - below)
+            return known[above] * rows / above
+        return known[below] + (known[above] - known[below]) * (rows - below) / (above - below)
 
     def worth(self, decodes: int, extra: int, k: int, alpha: float) -> int:
         """How many of k proposed tokens to verify for a request with acceptance rate `alpha`,

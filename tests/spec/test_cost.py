@@ -12,11 +12,12 @@ def costs(ms: dict[int, float]) -> StepCosts:
     return c
 
 
-def test_unmeasured_row_counts_are_interpolated_or_assumed_cheap():
+def test_unmeasured_row_counts_are_interpolated_or_extrapolated():
     c = costs({1: 10, 5: 18})
     assert c.time(1) == pytest.approx(0.010)
     assert c.time(3) == pytest.approx(0.014)
-    assert c.time(7) == pytest.approx(0.018 * (1 + 2 * UNSEEN_ROW))
+    assert c.time(7) == pytest.approx(0.022)  # the slope from 1 to 5 rows: 2 ms a row
+    assert costs({5: 18}).time(7) == pytest.approx(0.018 * (1 + 2 * UNSEEN_ROW))
     assert costs({4: 20}).time(2) == pytest.approx(0.010)
     assert StepCosts().time(3) is None
 
@@ -55,11 +56,13 @@ def test_nothing_measured_yet_proposes_everything():
 
 def test_a_row_count_is_trusted_from_the_median_of_its_first_samples():
     c = costs({1: 10})
-    for t in (12, 60, 11):  # a stalled step among the first
+    for t, before in ((12, 12), (60, 12), (11, 11)):  # a stalled step among the first
         c.observe(2, t / 1000)
-        assert c.time(2) == pytest.approx(0.010 * (1 + UNSEEN_ROW))  # not trusted yet
+        assert c.time(2) == pytest.approx(before / 1000)  # until trusted: the fastest yet
     c.observe(2, 0.0115)
     assert c.time(2) == pytest.approx(0.012)
+    c.observe(3, 0.001)  # never below what the trusted counts predict
+    assert c.time(3) == pytest.approx(0.014)
 
 
 def test_refused_rows_are_probed_now_and_then():
