@@ -83,7 +83,10 @@ class StepCosts:
         rate = decodes / base  # tokens a second without speculation
         for j in range(1, k + 1):
             rows = decodes + extra + j
-            if alpha ** j < (self.time(rows) - self.time(rows - 1)) * rate:
+            t, before = self.time(rows), self.time(rows - 1)
+            if t is None or before is None:  # only first samples of other counts so far
+                return k
+            if alpha ** j < (t - before) * rate:
                 self.refusals += 1
                 return j if self.refusals % EXPLORE_EVERY == 0 else j - 1
         return k

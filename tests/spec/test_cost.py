@@ -52,6 +52,9 @@ def test_a_compute_bound_batch_verifies_only_near_sure_proposals():
 
 def test_nothing_measured_yet_proposes_everything():
     assert StepCosts().worth(1, 0, 3, 0.01) == 3
+    c = StepCosts()
+    c.observe(1, 0.010)  # one first sample: no count trusted, nothing to extrapolate from
+    assert c.worth(1, 0, 3, 0.01) == 3
 
 
 def test_a_row_count_is_trusted_from_the_median_of_its_first_samples():
