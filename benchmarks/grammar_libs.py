@@ -31,7 +31,7 @@ SCHEMA = {
 }
 OUTPUT = json.dumps({"name": "Ada Lovelace", "age": 36, "email": "ada@math.com",
                      "tags": ["a", "c", "b", "a"],
-                     "address": {"city": "London", "zip": "W1 2AB"}})
+                     "address": {"city": "London", "zip": "W1 2AB"}}, separators=(",", ":"))
 
 
 def run_llguidance(tokenizer, vocab: int, ids: list[int]) -> dict:
@@ -68,7 +68,8 @@ def run_xgrammar(tokenizer, vocab: int, ids: list[int]) -> dict:
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     setup = time.perf_counter() - t
     t = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False,
+                                          separators=(",", ":"))
     compile_s = time.perf_counter() - t
     m = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, vocab)

@@ -26,6 +26,7 @@ from tandem.spec.adaptive import acceptance_rate, observe, proposal_length
 from tandem.spec.cost import StepCosts
 from tandem.spec.draft import DraftProposer
 from tandem.spec.ngram import propose_ngram
+from tandem.structured.grammar import GrammarCache
 
 
 @dataclass
@@ -84,9 +85,16 @@ class LLMEngine:
             self.drafter = DraftProposer(config, self.vocab_size, self.tokenizer,
                                          self.runner.device, self.runner.num_blocks)
             self.scheduler.on_finish = self.drafter.forget
+        self._grammars: GrammarCache | None = None  # built on the first structured request
         self.parents: dict[str, _Parent] = {}
         self.children: dict[str, tuple[_Parent, _Child]] = {}
         self.stats = EngineStats()
+
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size)
+        return self._grammars
 
     def check_health(self) -> None:
         """Raise if a tensor-parallel rank died (noticed between steps by the keep-alive)."""
@@ -131,6 +139,8 @@ class LLMEngine:
         for i in range(params.n):  # build every child before registering any
             seed = None if params.seed is None else params.seed + i
             req = Request(f"{i}:{request_id}", ids, params, self.eos_token_ids, cache_salt, seed)
+            if params.structured_outputs is not None:
+                req.grammar = self.grammars.matcher(params.structured_outputs)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings,
                                            params.skip_special_tokens)
             parent.children.append(_Child(req, detok, [] if params.logprobs is not None else None))
@@ -146,6 +156,9 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
         if cache_salt is not None:
             check_text(cache_salt, "cache_salt")  # it is hashed into every block chain
+        if params.structured_outputs is not None:
+            # Compiled here, on the caller's thread (AsyncEngine validates there), and cached.
+            self.grammars.grammar(params.structured_outputs)
         ids = self.tokenize(prompt)
         self.check_length(len(ids), params.max_tokens)
         return ids
@@ -188,6 +201,8 @@ class LLMEngine:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             decodes += 1
+            if req.grammar is not None:  # proposals are not checked against its mask yet
+                continue
             room = min(req.params.max_tokens - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
             k = min(proposal_length(req, spec["num_speculative_tokens"]), room)

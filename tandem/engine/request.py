@@ -49,6 +49,7 @@ class Request:
         self.spec_misses = 0
         self.spec_accepted_w = 0.0  # decayed counts behind acceptance_rate (spec/adaptive.py)
         self.spec_rejected_w = 0.0
+        self.grammar = None  # llguidance.LLMatcher of a structured-output request
         self.kv_store_checked = False  # the shared KV store was asked for this prompt's blocks
         # A private generator makes seeded sampling independent of the rest of the batch.
         self.generator: torch.Generator | None = None
@@ -77,6 +78,8 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.consume_token(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
         """Token-level stop conditions; stop strings are the detokenizer's job."""
@@ -88,6 +91,9 @@ class Request:
             if last in p.stop_token_ids:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
+        if self.grammar is not None and self.grammar.is_stopped():  # the structure is complete
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
         if n >= p.max_tokens or self.num_tokens >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH
             return True

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tandem.structured.params import StructuredOutputs
+
 MAX_LOGPROBS = 20
 
 
@@ -26,6 +28,8 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # The output must match this (a JSON schema, regex, choice or grammar); a dict is parsed.
+    structured_outputs: StructuredOutputs | dict | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -34,6 +38,8 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputs.parse(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.request import Request
+from tandem.structured.grammar import apply_masks
 
 # Below this, logits / temperature overflows; such a temperature means greedy anyway (as vLLM).
 _MIN_TEMPERATURE = 1e-5
@@ -57,10 +58,14 @@ class Sampler:
         return logits
 
     def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """float32 logits with each row's penalties, min_tokens bans and logit_bias applied."""
+        """float32 logits with each row's penalties, min_tokens bans and logit_bias applied, and
+        a structured-output request's disallowed tokens at -inf."""
         logits = logits.float()
         if any(_needs_processing(r) for r in reqs):
             logits = self._apply_penalties_and_bias(logits.clone(), reqs)
+        if any(r.grammar is not None for r in reqs):
+            logits = logits.clone()
+            apply_masks(logits, [r.grammar for r in reqs])
         return logits
 
     @staticmethod
