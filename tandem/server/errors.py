@@ -33,7 +33,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def from_value_error(e: ValueError) -> APIError:
     """Engine validation errors start with the field they name ("top_p: must be ...")."""
     msg = str(e)
-    m = re.match(r"([a-z_]+): ", msg)
+    m = re.match(r"([a-z_][a-z_0-9.]*): ", msg)
     code = "context_length_exceeded" if "context length" in msg else None
     return APIError(400, msg, m.group(1) if m else None, code)
 

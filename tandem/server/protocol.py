@@ -16,6 +16,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from tandem.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from tandem.structured.params import StructuredOutputs
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -87,8 +88,35 @@ class SamplingFields(Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None
+    # Structured outputs, vLLM's names: the current object and the older guided_* fields.
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     _stream_options_need_stream = _only_with("stream_options", "stream")
+
+    def structured_spec(self) -> StructuredOutputs | None:
+        """The one structured-output constraint the body sets; ValueError naming its field."""
+        given = [(name, spec) for name, spec in self._structured_fields() if spec is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1][0]}: only one of {', '.join(n for n, _ in given)} "
+                             f"may be given")
+        if not given:
+            return None
+        name, spec = given[0]
+        return StructuredOutputs.parse(spec, None if name == "structured_outputs" else name)
+
+    def _structured_fields(self) -> list[tuple[str, dict | None]]:
+        return [("structured_outputs", self.structured_outputs),
+                ("guided_json", None if self.guided_json is None else {"json": self.guided_json}),
+                ("guided_regex", None if self.guided_regex is None
+                 else {"regex": self.guided_regex}),
+                ("guided_choice", None if self.guided_choice is None
+                 else {"choice": self.guided_choice}),
+                ("guided_grammar", None if self.guided_grammar is None
+                 else {"grammar": self.guided_grammar})]
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bias = None
@@ -106,7 +134,8 @@ class SamplingFields(Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, logit_bias=bias, skip_special_tokens=self.skip_special_tokens)
+            logprobs=logprobs, logit_bias=bias, skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured_spec())
 
 
 class CompletionRequest(SamplingFields):
@@ -146,6 +175,24 @@ class ChatMessage(Body):
                 "content": content or ""}
 
 
+class JsonSchemaFormat(Body):
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise _invalid("json_schema is required with type json_schema, and only then")
+        return self
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -153,7 +200,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: Unsupported = None
+    response_format: ResponseFormat | None = None
     tools: Unsupported = None
     tool_choice: Unsupported = None
     parallel_tool_calls: Unsupported = None
@@ -161,6 +208,14 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Unsupported = None
 
     _top_logprobs_need_logprobs = _only_with("top_logprobs", "logprobs")
+
+    def _structured_fields(self) -> list[tuple[str, dict | None]]:
+        fmt, name, spec = self.response_format, "response_format", None
+        if fmt is not None and fmt.type == "json_object":
+            spec = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            name, spec = "response_format.json_schema.schema", {"json": fmt.json_schema.schema_}
+        return [(name, spec), *super()._structured_fields()]
 
 
 class TokenizeRequest(Body):

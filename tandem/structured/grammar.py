@@ -24,7 +24,7 @@ class GrammarCache:
         grammar = spec.to_grammar()
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise ValueError(f"structured_outputs.{spec.kind}: {error.strip()}")
+            raise ValueError(f"{spec.label}: {error.strip()}")
         return grammar
 
     def matcher(self, spec: StructuredOutputs) -> llguidance.LLMatcher:

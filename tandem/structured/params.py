@@ -3,7 +3,7 @@ object, a regex, one of a list of strings, or a grammar), as one llguidance gram
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from llguidance import LLMatcher
@@ -21,15 +21,28 @@ class StructuredOutputs:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # Lark (llguidance's) or GBNF (llama.cpp's)
     json_object: bool = False  # any JSON object
+    # What errors call it: the request field it came from (e.g. response_format), when not
+    # structured_outputs itself.
+    source: str | None = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, value: StructuredOutputs | dict[str, Any]) -> StructuredOutputs:
+    def parse(cls, value: StructuredOutputs | dict[str, Any],
+              source: str | None = None) -> StructuredOutputs:
         """From the dict a client gives; ValueError naming the bad field."""
         if isinstance(value, StructuredOutputs):
             return value
+        try:
+            return cls._parse(value, source)
+        except ValueError as e:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {str(e).split(': ', 1)[1]}") from None
+
+    @classmethod
+    def _parse(cls, value: dict[str, Any], source: str | None) -> StructuredOutputs:
         if not isinstance(value, dict):
             raise ValueError("structured_outputs: must be an object")  # noqa: TRY004
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"source"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"structured_outputs.{unknown[0]}: unknown field (known: "
@@ -55,11 +68,17 @@ class StructuredOutputs:
             v = tuple(v)
         if kind == "json_object" and v is not True:
             raise ValueError("structured_outputs.json_object: must be true")
-        return cls(**{kind: v})
+        return cls(**{kind: v}, source=source)
 
     @property
     def kind(self) -> str:
-        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+        return next(f.name for f in fields(self)
+                    if f.name != "source" and getattr(self, f.name) not in (None, False))
+
+    @property
+    def label(self) -> str:
+        """The field errors name."""
+        return self.source or f"structured_outputs.{self.kind}"
 
     def to_grammar(self) -> str:
         """The llguidance grammar; ValueError naming the field for what cannot be one (the
@@ -71,7 +90,7 @@ class StructuredOutputs:
                 try:
                     schema = json.loads(schema)
                 except ValueError as e:
-                    raise ValueError(f"structured_outputs.json: not valid JSON ({e})") from None
+                    raise ValueError(f"{self.label}: not valid JSON ({e})") from None
             return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_DEFAULTS)
         if kind == "json_object":
             return LLMatcher.grammar_from_json_schema('{"type": "object"}',
@@ -85,4 +104,4 @@ class StructuredOutputs:
         try:
             return LLMatcher.grammar_from_lark(any_to_lark(self.grammar))
         except GbnfToLarkError as e:
-            raise ValueError(f"structured_outputs.grammar: {e}") from None
+            raise ValueError(f"{self.label}: {e}") from None

@@ -54,11 +54,6 @@ WRONG_TYPES = [
 
 # OpenAI fields Tandem does not implement: "not supported", never silently dropped.
 NOT_SUPPORTED = [
-    _chat("response_format", response_format={"type": "json_object"}),
-    _chat("response_format", response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object"}}}),
-    _chat("response_format", response_format={"type": "text"}),
-    _chat("response_format", response_format={"type": "bogus"}),
     _chat("tools", tools=[TOOL]), _chat("tool_choice", tool_choice="auto"),
     _chat("tool_choice", tool_choice="none"), _chat("parallel_tool_calls", parallel_tool_calls=False),
     _chat("functions", functions=[TOOL["function"]]), _chat("function_call", function_call="auto"),
@@ -138,5 +133,5 @@ def test_openai_client_requests_still_work(client):
 def test_openai_client_sees_which_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT["messages"], max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert e.value.param == "response_format"
+                                       tools=[TOOL])
+    assert e.value.param == "tools"
