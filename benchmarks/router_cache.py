@@ -253,9 +253,10 @@ class _NoSlot:
 
 
 async def drive(url: str, reqs: list[Request], w: Workload, model: str,
-                max_concurrency: int) -> tuple[float, list[Result]]:
+                max_concurrency: int, extra: dict | None = None) -> tuple[float, list[Result]]:
+    """`extra`: more request body fields (e.g. a structured-output constraint)."""
     body = {"model": model, "max_tokens": w.output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:

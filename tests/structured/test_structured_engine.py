@@ -112,3 +112,24 @@ def test_with_ngram_speculation_the_structured_request_gets_no_proposals(smollm2
         assert llm.engine.scheduler.spec_drafts > 0  # the other request still speculated
     finally:
         llm.shutdown()
+
+
+def test_preempted_structured_requests_keep_their_grammar_state(smollm2_dir):
+    """Recompute preemption replays K/V, not tokens: each matcher stays where its output is."""
+    llm = LLM(model=smollm2_dir, dtype="float32", quantization="none",
+              kv_cache_memory=12 * 737_280)  # 12 blocks for 6 growing requests
+    try:
+        params = SamplingParams(temperature=1.0, max_tokens=120, seed=3,
+                                structured_outputs={"json": SCHEMA})
+        outs = llm.generate(["Person as JSON:"] * 6, params)
+        assert llm.engine.scheduler.num_preemptions > 0
+        for o in outs:
+            c = o.outputs[0]
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), SCHEMA)
+            else:  # cut by max_tokens: still a prefix the grammar allows
+                assert c.text.startswith("{") and c.finish_reason == "length"
+        assert any(o.outputs[0].finish_reason == "stop" for o in outs)
+        assert_idle(llm)
+    finally:
+        llm.shutdown()
