@@ -84,6 +84,12 @@ class Request:
     def check_stop(self, max_model_len: int) -> bool:
         """Token-level stop conditions; stop strings are the detokenizer's job."""
         n, last, p = self.num_output_tokens, self.all_token_ids[-1], self.params
+        if self.grammar is not None and self.grammar.is_error():
+            # The matcher gave up (e.g. a grammar past llguidance's limits): what follows would
+            # not be constrained, and a "stop" would claim the structure is complete.
+            self.status, self.stop_reason = RequestStatus.FINISHED_ABORTED, \
+                f"structured_outputs: {self.grammar.get_error()}"
+            return True
         if n >= p.min_tokens:
             if not p.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED

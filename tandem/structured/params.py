@@ -83,6 +83,14 @@ class StructuredOutputs:
     def to_grammar(self) -> str:
         """The llguidance grammar; ValueError naming the field for what cannot be one (the
         compiler's own errors come at validation: GrammarCache.grammar)."""
+        try:
+            return self._to_grammar()
+        except ValueError as e:
+            if str(e).startswith(f"{self.label}: "):
+                raise
+            raise ValueError(f"{self.label}: {e}") from None
+
+    def _to_grammar(self) -> str:
         kind = self.kind
         if kind == "json":
             schema = self.json

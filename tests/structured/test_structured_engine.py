@@ -85,6 +85,7 @@ def test_max_tokens_mid_structure_finishes_with_length(llm):
 @pytest.mark.parametrize("spec, message", [
     ({"json": {"type": "objectx"}}, r"^structured_outputs.json: .*objectx"),
     ({"json": "{not json"}, r"^structured_outputs.json: not valid JSON"),
+    ({"json": "[1, 2]"}, r"^structured_outputs.json: Expecting object schema"),
     ({"regex": "[a-"}, r"^structured_outputs.regex: .*invalid regex"),
     ({"grammar": "root ::= ("}, r"^structured_outputs.grammar: Expected '\)'"),
     ({"choice": []}, r"^structured_outputs.choice: must be a non-empty list"),
@@ -133,3 +134,13 @@ def test_preempted_structured_requests_keep_their_grammar_state(smollm2_dir):
         assert_idle(llm)
     finally:
         llm.shutdown()
+
+
+def test_a_grammar_past_the_matchers_limits_aborts_rather_than_stops(llm):
+    """llguidance gives up on a{1000000} after a few tokens: the request must not claim a
+    completed structure ("stop"), nor go on unconstrained."""
+    out = llm.generate(["x"], SamplingParams(max_tokens=16, structured_outputs={
+        "regex": "a{1000000}"}))[0].outputs[0]
+    assert out.finish_reason == "abort" and set(out.text) <= {"a"}
+    assert out.stop_reason.startswith("structured_outputs: ")
+    assert_idle(llm)
