@@ -234,14 +234,15 @@ class LLMEngine:
                 self.tiers.wait(0.01)
             return []
         # Decode rows only (one-token decodes and verifications): a sample of t(rows).
-        decode_only = all(n == 1 + len(req.spec_token_ids)
-                          for req, n in zip(sched.requests, sched.num_tokens))
+        decode_only = self.spec_costs is not None and all(
+            n == 1 + len(req.spec_token_ids) for req, n in zip(sched.requests, sched.num_tokens))
         start = time.monotonic()
         results = self.runner.execute(sched)
-        if self.spec_costs is not None and decode_only:
-            self.spec_costs.observe(sum(sched.num_tokens), time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        if decode_only:
+            self.spec_costs.observe(sum(sched.num_tokens), elapsed)
         if self.tiers is not None:
-            self.tiers.observe_step(sum(sched.num_tokens), time.monotonic() - start)
+            self.tiers.observe_step(sum(sched.num_tokens), elapsed)
             computed, self.kv.newly_cached = self.kv.newly_cached, []
             self.tiers.on_computed(computed)
         before = {req.request_id: req.num_tokens for req, _, _ in results}

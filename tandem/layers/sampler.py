@@ -61,10 +61,13 @@ class Sampler:
         """float32 logits with each row's penalties, min_tokens bans and logit_bias applied, and
         a structured-output request's disallowed tokens at -inf."""
         logits = logits.float()
-        if any(_needs_processing(r) for r in reqs):
-            logits = self._apply_penalties_and_bias(logits.clone(), reqs)
-        if any(r.grammar is not None for r in reqs):
+        penalize = any(_needs_processing(r) for r in reqs)
+        constrained = any(r.grammar is not None for r in reqs)
+        if penalize or constrained:  # one copy: the raw logits still give logprobs
             logits = logits.clone()
+        if penalize:
+            logits = self._apply_penalties_and_bias(logits, reqs)
+        if constrained:
             apply_masks(logits, [r.grammar for r in reqs])
         return logits
 

@@ -149,9 +149,11 @@ def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return _chunked(x.float().contiguous(), codes, scale).to(x.dtype)
 
 
-def warm_up_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> None:
-    """Compile the fused kernel for every row count now (seconds each on a cold Inductor cache,
-    ~0.1 s on a warm one) rather than on the first step of each size. Call it in the grad /
-    inference mode and with the thread count that serving uses: each is a graph of its own."""
+def warm_up_q8_0(codes: torch.Tensor, scale: torch.Tensor, max_rows: int = FUSED_ROWS[-1]) -> None:
+    """Compile the fused kernel for every row count up to `max_rows` now (seconds each on a cold
+    Inductor cache, ~0.1 s on a warm one) rather than on the first step of each size. Call it in
+    the grad / inference mode and with the thread count that serving uses: each is a graph of
+    its own."""
     for rows in FUSED_ROWS:
-        q8_0_matmul(torch.zeros(rows, codes.shape[1]), codes, scale)
+        if rows <= max_rows:
+            q8_0_matmul(torch.zeros(rows, codes.shape[1], device=codes.device), codes, scale)

@@ -14,11 +14,15 @@ from tandem.quantization.q8_0 import (
     embedding_q8_0,
     q8_0_matmul,
     quantize_q8_0,
+    warm_up_q8_0,
 )
 
 # Rows up to which a float16 copy of the LM head beats the Q8_0 routes with AVX2 only: 12 ms
 # at 4 rows against 25-36, 23 at 8 against 22-26 (benchmarks/q8_head.py, 2-core EPYC).
 F16_HEAD_MAX_ROWS = 4
+# The LM head's fused kernel is compiled at start up to this many rows: a decode batch of up to
+# 8, or one request verifying up to 7 proposed tokens.
+PRECOMPILED_ROWS = 8
 
 
 @dataclass
@@ -92,10 +96,10 @@ QuantWeight = Int4Weight | Int8Weight | Q8Weight
 @torch.inference_mode()
 def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
     """The LM head's Q8_0 table, by what is fastest on this CPU for a decode step
-    (benchmarks/q8_head.py). With AVX-512, Inductor's fused kernel: compiled for one to eight rows
-    (decode batches and speculative verifications) now rather than on the first request (larger
-    steps compile theirs on first use, about a second each), none under --enforce-eager. With AVX2 only, that kernel's int8 loads are not
-    vectorized (22 ms at one row against 2.7 with AVX-512), so steps of up to
+    (benchmarks/q8_head.py). With AVX-512, Inductor's fused kernel: compiled for one to
+    PRECOMPILED_ROWS rows (decode batches and speculative verifications) now rather than on the
+    first request (larger steps compile theirs on first use, about a second each), none under
+    --enforce-eager. With AVX2 only, that kernel's int8 loads are not vectorized (22 ms at one row against 2.7 with AVX-512), so steps of up to
     F16_HEAD_MAX_ROWS rows read a float16 copy (3.9 ms; top-1 99.8% against the exact head),
     which costs its memory (counted in weight_bytes)."""
     for m in model.modules():
@@ -105,5 +109,4 @@ def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
             if cpu_isa() not in ("AVX512", "AMX") and q.codes.device.type == "cpu":
                 q.f16 = dequantize_q8_0(q.codes, q.scale).half()
             elif q.fused:
-                for rows in range(1, 9):
-                    q(torch.zeros(rows, q.codes.shape[1], device=q.codes.device))
+                warm_up_q8_0(q.codes, q.scale, PRECOMPILED_ROWS)

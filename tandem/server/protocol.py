@@ -109,14 +109,11 @@ class SamplingFields(Body):
         return StructuredOutputs.parse(spec, None if name == "structured_outputs" else name)
 
     def _structured_fields(self) -> list[tuple[str, dict | None]]:
-        return [("structured_outputs", self.structured_outputs),
-                ("guided_json", None if self.guided_json is None else {"json": self.guided_json}),
-                ("guided_regex", None if self.guided_regex is None
-                 else {"regex": self.guided_regex}),
-                ("guided_choice", None if self.guided_choice is None
-                 else {"choice": self.guided_choice}),
-                ("guided_grammar", None if self.guided_grammar is None
-                 else {"grammar": self.guided_grammar})]
+        given = [("structured_outputs", self.structured_outputs)]
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            given.append((f"guided_{kind}", None if value is None else {kind: value}))
+        return given
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bias = None
