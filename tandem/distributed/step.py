@@ -31,21 +31,23 @@ class StepInputs:
     prefills: torch.Tensor  # [P, 3]: first row in the batch, tokens in this chunk, cached before
     prefill_tables: torch.Tensor  # the P block tables, concatenated
     sample_rows: torch.Tensor  # [S] rows whose logits are sampled
+    prompt_rows: torch.Tensor  # [R] prompt positions' rows whose logits give prompt logprobs
 
     _FIELDS = ("input_ids", "positions", "slots", "decode_tables", "decode_lens", "prefills",
-               "prefill_tables", "sample_rows")
+               "prefill_tables", "sample_rows", "prompt_rows")
 
     def sizes(self) -> list[int]:
         return [self.input_ids.numel(), self.decode_tables.shape[0], self.decode_tables.shape[1],
-                self.prefills.shape[0], self.prefill_tables.numel(), self.sample_rows.numel()]
+                self.prefills.shape[0], self.prefill_tables.numel(), self.sample_rows.numel(),
+                self.prompt_rows.numel()]
 
     def pack(self) -> torch.Tensor:
         return torch.cat([getattr(self, f).reshape(-1) for f in self._FIELDS])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor, sizes: list[int]) -> StepInputs:
-        t, nd, width, p, nt, s = sizes
-        shapes = [(t,), (t,), (t,), (nd, width), (nd,), (p, 3), (nt,), (s,)]
+        t, nd, width, p, nt, s, r = sizes
+        shapes = [(t,), (t,), (t,), (nd, width), (nd,), (p, 3), (nt,), (s,), (r,)]
         parts, at = [], 0
         for shape in shapes:
             n = 1
@@ -62,7 +64,7 @@ def send(cmd: int, inputs: StepInputs | None, device: torch.device,
     header = torch.zeros(_HEADER, dtype=torch.int64)
     header[0] = cmd
     if inputs is not None:
-        header[1:7] = torch.tensor(inputs.sizes())
+        header[1:8] = torch.tensor(inputs.sizes())
     header[1:1 + len(args)] = torch.tensor(args, dtype=torch.int64)
     dist.broadcast(header.to(device), 0)
     if inputs is not None:
@@ -89,8 +91,9 @@ def receive(device: torch.device) -> tuple[int, Any]:
         return LOADED, (header[1], header[2] / 1000)
     if header[0] != STEP:
         return header[0], None
-    sizes = header[1:7]
-    total = sizes[0] * 3 + sizes[1] * sizes[2] + sizes[1] + sizes[3] * 3 + sizes[4] + sizes[5]
+    sizes = header[1:8]
+    total = (sizes[0] * 3 + sizes[1] * sizes[2] + sizes[1] + sizes[3] * 3 + sizes[4] + sizes[5]
+             + sizes[6])
     flat = torch.empty(total, dtype=torch.int64, device=device)
     dist.broadcast(flat, 0)
     return STEP, StepInputs.unpack(flat, sizes)

@@ -75,7 +75,7 @@ def warm_up(runner: ModelRunner, layer: torch.nn.Module, max_rows: int) -> None:
         none = zeros[:0]
         # Every row writes slot 0 and reads block 0, which is zeroed again below.
         inp = StepInputs(zeros, zeros, zeros, zeros.view(n, 1), zeros + 1, none.view(0, 3),
-                         none, none)
+                         none, none, none)
         set_metadata(runner.metadata(inp))
         try:
             layer(model.rotary_emb(zeros), model.embed_tokens(zeros))

@@ -23,7 +23,7 @@ from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.layers.linear import add_decode_copies
-from tandem.layers.sampler import Sampler
+from tandem.layers.sampler import Sampler, logprob_entries
 from tandem.loader.weights import load_model, resolve_quantization
 from tandem.models.registry import model_class
 from tandem.quantization.weight import prepare_q8
@@ -96,10 +96,12 @@ class ModelRunner:
             per_token_head += SCALE_DTYPE.itemsize
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * per_token_head
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
-        """Flat batch with one-token steps (decodes, and the rows of proposed tokens) first, and
-        the request of each row that samples (a request verifying proposed tokens has one per
-        proposal, plus one)."""
+    def prepare(self, sched: SchedulerOutput
+                ) -> tuple[StepInputs, list[Request], list[tuple[Request, int]]]:
+        """Flat batch with one-token steps (decodes, and the rows of proposed tokens) first, the
+        request of each row that samples (a request verifying proposed tokens has one per
+        proposal, plus one), and each request collecting prompt logprobs with its number of
+        prompt rows, in the order of `prompt_rows`."""
         bs = self.block_size
         # A request verifying proposed tokens is laid out as one decode row per token, each
         # attending to the cache up to its own position: the decode path's cost, not a prefill's.
@@ -107,6 +109,7 @@ class ModelRunner:
                        key=lambda rn: rn[1] != 1 and not rn[0].spec_token_ids)
         input_ids, positions, slots, sample_rows, sample_reqs = [], [], [], [], []
         decode_tables, decode_lens, prefills, prefill_tables = [], [], [], []
+        prompt_rows, prompt_reqs = [], []
         for req, n in order:
             start, bt = req.num_computed_tokens, req.block_table
             q_start = len(input_ids)
@@ -126,6 +129,14 @@ class ModelRunner:
                 for row in range(q_start + n - 1 - len(spec), q_start + n):
                     sample_rows.append(row)
                     sample_reqs.append(req)
+            if req.prompt_logprobs is not None:
+                # Position p's row predicts prompt token p + 1. A recompute after preemption
+                # passes over positions already collected: only the others.
+                first = max(start, len(req.prompt_logprobs))
+                last = min(start + n, req.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows += range(q_start + first - start, q_start + last - start)
+                    prompt_reqs.append((req, last - first))
         width = max((len(t) for t in decode_tables), default=0)
 
         def t(x) -> torch.Tensor:
@@ -134,8 +145,8 @@ class ModelRunner:
         inputs = StepInputs(t(input_ids), t(positions), t(slots),
                             t([b + [0] * (width - len(b)) for b in decode_tables]).view(len(decode_tables), width),
                             t(decode_lens), t(prefills).view(-1, 3), t(prefill_tables),
-                            t(sample_rows))
-        return inputs, sample_reqs
+                            t(sample_rows), t(prompt_rows))
+        return inputs, sample_reqs, prompt_reqs
 
     def metadata(self, inp: StepInputs) -> AttentionMetadata:
         """What every attention layer reads, built the same way on every rank."""
@@ -160,29 +171,55 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, inp: StepInputs) -> torch.Tensor | None:
-        """The forward pass; logits of the sampled rows on rank 0 (None on other ranks)."""
+        """The forward pass; on rank 0 the logits of the sampled rows, then of the prompt rows
+        (None on other ranks)."""
         set_metadata(self.metadata(inp))
         try:
             with step_stance(self.compiled):
                 hidden = self.model(inp.input_ids, inp.positions)
         finally:
             set_metadata(None)
-        if not inp.sample_rows.numel():
+        rows = inp.sample_rows
+        if inp.prompt_rows.numel():
+            rows = torch.cat([rows, inp.prompt_rows])
+        if not rows.numel():
             return None
-        return self.model.compute_logits(hidden[inp.sample_rows])
+        return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> tuple[list[Request], torch.Tensor | None]:
-        inp, reqs = self.prepare(sched)
+        """The requests of the sampled rows and, on rank 0, their logits."""
+        reqs, logits, _ = self._forward(sched)
+        return reqs, logits
+
+    def _forward(self, sched: SchedulerOutput) -> tuple[list[Request], torch.Tensor | None,
+                                                        list[tuple[Request, torch.Tensor]]]:
+        """forward_logits, plus each request collecting prompt logprobs with its prompt rows'
+        logits."""
+        inp, reqs, prompt_reqs = self.prepare(sched)
         inp = StepInputs(*(getattr(inp, f).to(self.device) for f in StepInputs._FIELDS))
         with self.group.step(inp):
-            return reqs, self.run(inp)
+            logits = self.run(inp)
+        if logits is None:
+            return reqs, None, []
+        prompt_logits = logits[len(reqs):].split([n for _, n in prompt_reqs])
+        return (reqs, logits[:len(reqs)] if reqs else None,
+                [(req, x) for (req, _), x in zip(prompt_reqs, prompt_logits)])
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[tuple[Request, list[int], list | None]]:
         """Each request that sampled: its new tokens (one, or with speculation the accepted
-        proposed tokens and one more) and, if it asked, a logprobs entry per token."""
-        rows, logits = self.forward_logits(sched)
+        proposed tokens and one more) and, if it asked, a logprobs entry per token. Requests
+        collecting prompt logprobs get this step's prompt positions' entries."""
+        rows, logits, prompt_logits = self._forward(sched)
+        for req, x in prompt_logits:
+            # A slice at a time: a chunk's float32 log-softmax would hold a vocabulary per row.
+            for part in x.split(256):
+                at = len(req.prompt_logprobs)  # entry p predicts prompt token p + 1
+                targets = torch.tensor(req.prompt_token_ids[at + 1:at + 1 + len(part)],
+                                       device=part.device)
+                req.prompt_logprobs += logprob_entries(part, targets,
+                                                       [req.params.prompt_logprobs] * len(part))
         if logits is None:
             return []
         spans: list[tuple[Request, int, int]] = []  # request, first row, rows

@@ -49,6 +49,10 @@ class Request:
         self.spec_misses = 0
         self.spec_accepted_w = 0.0  # decayed counts behind acceptance_rate (spec/adaptive.py)
         self.spec_rejected_w = 0.0
+        # Prompt logprobs collected so far, entry p for position p (predicting prompt token
+        # p + 1), as the sampler gives them; None when this request does not collect them (a
+        # parent's children share one prompt: only the first does).
+        self.prompt_logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
         self.grammar = None  # llguidance.LLMatcher of a structured-output request
         self.kv_store_checked = False  # the shared KV store was asked for this prompt's blocks
         # A private generator makes seeded sampling independent of the rest of the batch.

@@ -26,6 +26,9 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Each prompt token's logprob and the top N at its position (vLLM's extra); the request
+    # then computes its whole prompt, taking no prefix-cache hit.
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     # The output must match this (a JSON schema, regex, choice or grammar); a dict is parsed.
@@ -63,8 +66,10 @@ class SamplingParams:
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be >= 1")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "must be in [0, max_tokens]")
-        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-              "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
+                  f"must be in [0, {MAX_LOGPROBS}]")
         check(all(isinstance(s, str) and s for s in self.stop_strings), "stop",
               "must be non-empty strings")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

@@ -83,10 +83,12 @@ class Scheduler:
         for req in list(self.waiting):
             if out.num_preempted or budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self.tiers is not None and self.kv.enable_caching \
-                    and not self.tiers.prepare(req, self.kv):
+            # Prompt logprobs come from the logits of every prompt position: a prefix hit would
+            # skip them (vLLM takes no hit either). Its blocks are still cached for others.
+            reuse = self.kv.enable_caching and req.prompt_logprobs is None
+            if reuse and self.tiers is not None and not self.tiers.prepare(req, self.kv):
                 continue
-            computed = self.kv.get_computed_blocks(req)
+            computed = self.kv.get_computed_blocks(req) if reuse else []
             num_hit = len(computed) * self.kv.block_size
             n = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, n, computed):

@@ -99,18 +99,25 @@ class Sampler:
     def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params) -> list:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         result: list = [None] * len(params)
-        if not rows:
-            return result
-        lp = raw[rows].log_softmax(-1)
-        chosen = lp.gather(1, tokens[rows].unsqueeze(1))
-        ranks = (lp > chosen).sum(-1) + 1
-        k = max(params[i].logprobs for i in rows)
-        top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        for j, i in enumerate(rows):
-            n = params[i].logprobs
-            result[i] = (chosen[j, 0].item(), int(ranks[j]), top_ids[j, :n].tolist(),
-                         top_lp[j, :n].tolist())
+        if rows:
+            entries = logprob_entries(raw[rows], tokens[rows], [params[i].logprobs for i in rows])
+            for i, entry in zip(rows, entries):
+                result[i] = entry
         return result
+
+
+def logprob_entries(logits: torch.Tensor, tokens: torch.Tensor,
+                    num_top: list[int]) -> list[tuple[float, int, list[int], list[float]]]:
+    """Per row of raw logits: the log-softmax (float32) of its token in `tokens`, that token's
+    rank (1 = most likely), and the row's top `num_top[row]` token ids and logprobs."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, tokens.unsqueeze(1))
+    ranks = (lp > chosen).sum(-1) + 1
+    k = max(num_top)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    # One host copy per tensor: prompt logprobs can be a whole prefill chunk of rows.
+    return [(c, r, ids[:n], lps[:n]) for c, r, ids, lps, n in zip(
+        chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_lp.tolist(), num_top)]
 
 
 def _needs_processing(r: Request) -> bool:

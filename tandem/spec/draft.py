@@ -34,6 +34,7 @@ class _Seq:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)  # always empty: the draft verifies nothing
+    prompt_logprobs: None = None  # the draft never collects prompt logprobs
     synced: int = 0  # its first `synced` tokens are the request's own
 
     @property
