@@ -1,7 +1,8 @@
 """Structured outputs through `tandem serve`: output tok/s and time per output token with a JSON
-schema against unconstrained, at each --concurrency (completions, greedy, ignore_eos: an
-unconstrained request runs to --output-len, a constrained one until its JSON is complete), and
-what a schema adds to the time to first token, cold (first use: compiled) and cached.
+schema against unconstrained, at each --concurrency (completions, greedy, ignore_eos: a
+constrained request runs until its JSON is complete, an unconstrained one to the same length,
+so both weigh prefill alike), and what a schema adds to the time to first token, cold (first
+use: compiled) and cached.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured.py
 """
@@ -56,6 +57,9 @@ def main() -> None:
     rows, ttfts = [], {"none": [], "cold": [], "cached": []}
     with process(cmd, url, answers_ready), httpx.Client(timeout=120) as client:
         w = Workload(output_len=args.output_len)
+        _, probe = asyncio.run(drive(url, [Request(0, PROMPT, [], 0.0)], w, args.model, 1,
+                                     constrained))
+        same_len = Workload(output_len=probe[0].output_tokens)  # greedy: every reply alike
         for c in args.concurrency:  # warm every batch shape, both ways
             warm = [Request(0, PROMPT, [], 0.0)] * c
             for extra in (None, constrained):
@@ -65,8 +69,9 @@ def main() -> None:
             got = {"none": [], "json": []}
             for i in range(args.runs):
                 for name in (("none", "json") if i % 2 == 0 else ("json", "none")):
-                    wall, results = asyncio.run(drive(url, reqs, w, args.model, c,
-                                                      constrained if name == "json" else None))
+                    wall, results = asyncio.run(drive(
+                        url, reqs, w if name == "json" else same_len, args.model, c,
+                        constrained if name == "json" else None))
                     ok = [r for r in results if not r.error]
                     assert len(ok) == len(results), [r.error for r in results if r.error][:1]
                     tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
@@ -89,7 +94,7 @@ def main() -> None:
           f"{args.model}; {args.per_c} x C completions a run, greedy, up to {args.output_len} "
           f"tokens; medians of {args.runs} runs.\n")
     print("| C | none tok/s | json_schema tok/s | ratio | none TPOT (ms) | json_schema TPOT (ms) "
-          "| json tokens per reply |\n|---:|---:|---:|---:|---:|---:|---:|")
+          "| tokens per reply |\n|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     med = {k: statistics.median(v) for k, v in ttfts.items()}
     print(f"\nOne-token request, median of {len(ttfts['none'])}: unconstrained {med['none']:.1f} "

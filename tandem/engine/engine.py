@@ -43,6 +43,8 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child] = field(default_factory=list)
+    # Built once the first child has every prompt position's entry (it alone collects them).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class LLMEngine:
@@ -141,6 +143,8 @@ class LLMEngine:
             req = Request(f"{i}:{request_id}", ids, params, self.eos_token_ids, cache_salt, seed)
             if params.structured_outputs is not None:
                 req.grammar = self.grammars.matcher(params.structured_outputs)
+            if params.prompt_logprobs is not None and i == 0:
+                req.prompt_logprobs = []
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings,
                                            params.skip_special_tokens)
             parent.children.append(_Child(req, detok, [] if params.logprobs is not None else None))
@@ -201,8 +205,6 @@ class LLMEngine:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             decodes += 1
-            if req.grammar is not None:  # proposals are not checked against its mask yet
-                continue
             room = min(req.params.max_tokens - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
             k = min(proposal_length(req, spec["num_speculative_tokens"]), room)
@@ -211,7 +213,7 @@ class LLMEngine:
         if self.drafter is not None:
             proposals = self.drafter.propose(wants)
             for req, _ in wants:
-                req.spec_token_ids = proposals.get(req.request_id, [])
+                req.spec_token_ids = _grammatical(req, proposals.get(req.request_id, []))
             return
         extra = 0
         for req, k in wants:
@@ -222,7 +224,7 @@ class LLMEngine:
                 k = self.spec_costs.worth(decodes, extra, k, acceptance_rate(req))
             drafts = propose_ngram(req.all_token_ids, k, spec["prompt_lookup_min"],
                                    spec["prompt_lookup_max"]) if k else []
-            req.spec_token_ids = drafts
+            req.spec_token_ids = drafts = _grammatical(req, drafts)
             extra += len(drafts)
 
     def step(self) -> list[RequestOutput]:
@@ -277,7 +279,7 @@ class LLMEngine:
             if req.finished:
                 self.stats.on_finish(req)
             touched[parent.request_id] = parent
-        outputs = [self._output(p) for p in touched.values()]
+        outputs = [self._output(p) for p in touched.values() if self._prompt_logprobs_ready(p)]
         for out in outputs:
             if out.finished:
                 for child in self.parents.pop(out.request_id).children:
@@ -292,6 +294,19 @@ class LLMEngine:
             d.setdefault(t, Logprob(v, r, decode([t])))
         return d
 
+    def _prompt_logprobs_ready(self, parent: _Parent) -> bool:
+        """False while `parent` waits for prompt logprobs: its first child collects them, and
+        another child could sample first. Outputs are cumulative, so one held back loses
+        nothing. Once complete, they are built as entries in vLLM's shape (None first)."""
+        raw, ids = parent.children[0].req.prompt_logprobs, parent.prompt_token_ids
+        if raw is None or parent.prompt_logprobs is not None:
+            return True
+        if len(raw) < len(ids) - 1:
+            return False
+        parent.prompt_logprobs = [None] + [self._logprobs(token, lp)
+                                           for token, lp in zip(ids[1:], raw)]
+        return True
+
     @staticmethod
     def _output(parent: _Parent) -> RequestOutput:
         outs = []
@@ -303,7 +318,8 @@ class LLMEngine:
                 c.logprobs, r.status.value if r.finished else None, r.stop_reason))
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
                              all(c.req.finished for c in parent.children),
-                             max(0, parent.children[0].req.num_cached_tokens))
+                             max(0, parent.children[0].req.num_cached_tokens),
+                             parent.prompt_logprobs)
 
 
 def _max_model_len(hf_config, requested: int | None) -> int:
@@ -315,3 +331,11 @@ def _max_model_len(hf_config, requested: int | None) -> int:
     if requested is not None and requested > limit:
         raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit}")
     return requested or limit
+
+
+def _grammatical(req: Request, drafts: list[int]) -> list[int]:
+    """The proposals up to the first its structured output forbids: rows past it would be
+    verified only to be rejected."""
+    if req.grammar is None or not drafts:
+        return drafts
+    return drafts[:req.grammar.validate_tokens(drafts)]

@@ -31,14 +31,15 @@ def eos_token_ids(folder: str, config, tokenizer: PreTrainedTokenizerBase) -> fr
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+                add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> tuple[str, list[int]]:
     """The chat template's text and ids; the template already holds any BOS token."""
     if not messages:
         raise ValueError("messages: must not be empty")
     if tokenizer.chat_template is None:
         raise ValueError("messages: this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
     check_text(text, "messages")
     return text, tokenizer.encode(text, add_special_tokens=False)
 

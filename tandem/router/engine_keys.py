@@ -18,11 +18,16 @@ class EngineKeys:
         self.tokenizer = load_tokenizer(resolve_model(model))
 
     def token_ids(self, body: dict) -> list[int] | None:
-        from tandem.loader.tokenizer import render_chat
-
         try:
             if isinstance(body.get("messages"), list):
-                return render_chat(self.tokenizer, body["messages"])[1]
+                # The replica's own rendering: its tools and fallback prompt change the prefix.
+                from tandem.server.protocol import ChatCompletionRequest
+                from tandem.server.tools import plan_tools, render_messages
+
+                req = ChatCompletionRequest.model_validate(body)
+                tools = plan_tools(req, "hermes").tools  # the parser does not change the prompt
+                return render_messages(self.tokenizer, req.messages, tools,
+                                       req.add_generation_prompt)[1]
             p = body.get("prompt")
             if isinstance(p, str):
                 return self.tokenizer.encode(p)

@@ -11,6 +11,7 @@ from tandem.config import EngineConfig, dtype_name
 from tandem.draining import DrainingServer
 from tandem.engine.async_engine import AsyncEngine
 from tandem.server.openai_api import ServerState, build_app
+from tandem.server.tool_parsers import PARSERS
 
 logger = logging.getLogger("tandem.server")
 
@@ -57,6 +58,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="replicas of the engine behind a cache-aware router")
+    p.add_argument("--tool-call-parser", default="hermes", choices=sorted(PARSERS),
+                   help="how tool calls are read from output under tool_choice auto: hermes "
+                        "(<tool_call> blocks; Qwen2.5, and the prompt Tandem writes for chat "
+                        "templates without tools) or llama3_json")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines while busy (0: none)")
 
@@ -78,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         return run_node(config)
     engine = AsyncEngine(config, log_stats_interval=args.log_stats_interval)
     state = ServerState(engine, args.served_model_name or args.model, list(args.api_key),
-                        args.max_queue_len)
+                        args.max_queue_len, args.tool_call_parser)
     app = build_app(state, args.max_request_bytes)
     e = engine.engine
     logger.info("tandem listening on http://%s:%d model=%s dtype=%s device=%s "

@@ -17,7 +17,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_cache import HASH_SCHEME
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.loader.tokenizer import check_text, render_chat
+from tandem.loader.tokenizer import check_text
 from tandem.server import responses as R
 from tandem.server.errors import APIError, from_value_error, install_error_handlers
 from tandem.server.metrics import render_metrics
@@ -28,6 +28,7 @@ from tandem.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from tandem.server.tools import ChoiceOutput, ToolPlan, plan_tools, render_messages
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ServerState:
     model_name: str
     api_keys: list[str] = field(default_factory=list)
     max_queue_len: int = 1024
+    tool_call_parser: str = "hermes"  # reads tool_choice "auto" output (server/tool_parsers.py)
     draining: bool = False
     inflight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
@@ -124,7 +126,7 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            _, ids = render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages])
+            _, ids = render_messages(engine.tokenizer, body.messages, [])
         else:
             check_text(body.prompt, "prompt")
             ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -154,7 +156,9 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
             max_tokens = (body.max_tokens if body.max_tokens is not None
                           else default_max_tokens(len(ids)))
             params = body.sampling_params(max_tokens, logprobs)
-            engine.validate(ids, params, body.cache_salt)
+            if body.echo and params.prompt_logprobs is None:
+                params.prompt_logprobs = logprobs  # echoed tokens get entries too (as vLLM)
+            await _validate(engine, ids, params, body.cache_salt)
             text = p if isinstance(p, str) else engine.tokenizer.decode(ids)
             jobs.append((_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -164,21 +168,35 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatCompletionRequest, request: Request):
         admit(body.model)
-        text, ids = render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages],
-                                body.add_generation_prompt)
+        plan = plan_tools(body, state.tool_call_parser)
+        text, ids = render_messages(engine.tokenizer, body.messages, plan.tools,
+                                    body.add_generation_prompt)
         max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                       else body.max_tokens)
         if max_tokens is None:
             max_tokens = default_max_tokens(len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs)
-        engine.validate(ids, params, body.cache_salt)
+        params = body.sampling_params(max_tokens, logprobs, plan.constraint)
+        for part in plan.parts:  # a tool's bad parameters schema is named by its own field
+            await asyncio.to_thread(engine.engine.grammars.grammar, part)
+        await _validate(engine, ids, params, body.cache_salt)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = [(_Job(ids, text, uuid.uuid4().hex, body.cache_salt), params)]
         stream = _chat_stream if body.stream else _chat_full
-        return await _respond(request, body.stream, stream(state, rid, body, jobs, request))
+        return await _respond(request, body.stream,
+                              stream(state, rid, body, jobs, request, plan))
 
     return app
+
+
+async def _validate(engine: AsyncEngine, ids: list[int], params: SamplingParams,
+                    cache_salt: str | None) -> None:
+    """engine.validate; one that compiles a grammar (milliseconds, cold) runs on a worker
+    thread, so the event loop keeps streaming other requests' tokens meanwhile."""
+    if params.structured_outputs is None:
+        engine.validate(ids, params, cache_salt)
+    else:
+        await asyncio.to_thread(engine.validate, ids, params, cache_salt)
 
 
 async def _respond(request: Request, streaming: bool, gen: AsyncIterator):
@@ -256,17 +274,27 @@ async def _completion_full(state, rid, body: CompletionRequest, jobs, request):
         final[i] = out
     choices, completion_tokens = [], 0
     for i, (job, params) in enumerate(jobs):
+        # vLLM's extra rides on each choice: a request can hold several prompts
+        extra = ({} if body.prompt_logprobs is None
+                 else {"prompt_logprobs": R.prompt_logprobs(final[i])})
         for o in final[i].outputs:
             prefix = job.text if body.echo else ""
             completion_tokens += len(o.token_ids)
             choices.append({"index": i * params.n + o.index, "text": prefix + o.text,
-                            "logprobs": R.completion_logprobs(o, 0, len(prefix), body.logprobs or 0),
-                            "finish_reason": o.finish_reason})
+                            "logprobs": R.completion_logprobs(o, 0, len(prefix), body.logprobs or 0,
+                                                              _echo(state, body, job, final[i])),
+                            "finish_reason": o.finish_reason, **extra})
     request.scope["state"]["tokens"] = completion_tokens
     prompt_tokens = sum(len(j.ids) for j, _ in jobs)
     yield {"id": rid, "object": "text_completion", "created": int(time.time()),
            "model": state.model_name, "choices": choices,
            "usage": R.usage(prompt_tokens, completion_tokens)}
+
+
+def _echo(state: ServerState, body: CompletionRequest, job: _Job,
+          out: RequestOutput) -> tuple[RequestOutput, str] | None:
+    """completion_logprobs' `echo`: with echo, the prompt's entries and its first token."""
+    return (out, state.engine.tokenizer.decode(job.ids[:1])) if body.echo else None
 
 
 async def _completion_stream(state, rid, body: CompletionRequest, jobs, request):
@@ -280,8 +308,9 @@ async def _completion_stream(state, rid, body: CompletionRequest, jobs, request)
                 text_len, tok_len, done = sent.get(key, (0, 0, False))
                 if done:
                     continue
-                prefix = jobs[i][0].text if body.echo and key not in sent else ""
-                delta = prefix + o.text[text_len:]
+                first = key not in sent
+                prefix = jobs[i][0].text if body.echo else ""
+                delta = (prefix if first else "") + o.text[text_len:]
                 if not delta and o.finish_reason is None and len(o.token_ids) == tok_len:
                     continue
                 sent[key] = (len(o.text), len(o.token_ids), o.finish_reason is not None)
@@ -289,8 +318,9 @@ async def _completion_stream(state, rid, body: CompletionRequest, jobs, request)
                 yield _sse({"id": rid, "object": "text_completion", "created": created,
                             "model": state.model_name, "choices": [{
                                 "index": i * n + o.index, "text": delta,
-                                "logprobs": R.completion_logprobs(o, tok_len, text_len,
-                                                                  body.logprobs or 0),
+                                "logprobs": R.completion_logprobs(
+                                    o, tok_len, len(prefix) + text_len, body.logprobs or 0,
+                                    _echo(state, body, jobs[i][0], out) if first else None),
                                 "finish_reason": o.finish_reason}]})
         request.scope["state"]["tokens"] = completion_tokens
         if body.stream_options and body.stream_options.include_usage:
@@ -301,22 +331,26 @@ async def _completion_stream(state, rid, body: CompletionRequest, jobs, request)
         yield chunk
 
 
-async def _chat_full(state, rid, body: ChatCompletionRequest, jobs, request):
+async def _chat_full(state, rid, body: ChatCompletionRequest, jobs, request, plan: ToolPlan):
     final = None
     async for _, out in _merged(state, jobs, request):
         final = out
     top_n = body.top_logprobs or 0
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": R.chat_logprobs(o, 0, top_n), "finish_reason": o.finish_reason}
-               for o in final.outputs]
+    choices = []
+    for o in final.outputs:
+        message, reason = ChoiceOutput(plan).message(o.text, o.finish_reason)
+        choices.append({"index": o.index, "message": message,
+                        "logprobs": R.chat_logprobs(o, 0, top_n), "finish_reason": reason})
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     request.scope["state"]["tokens"] = completion_tokens
+    extra = ({} if body.prompt_logprobs is None
+             else {"prompt_logprobs": R.prompt_logprobs(final)})  # vLLM: top level in chat
     yield {"id": rid, "object": "chat.completion", "created": int(time.time()),
            "model": state.model_name, "choices": choices,
-           "usage": R.usage(len(jobs[0][0].ids), completion_tokens)}
+           "usage": R.usage(len(jobs[0][0].ids), completion_tokens), **extra}
 
 
-async def _chat_stream(state, rid, body: ChatCompletionRequest, jobs, request):
+async def _chat_stream(state, rid, body: ChatCompletionRequest, jobs, request, plan: ToolPlan):
     created, top_n = int(time.time()), body.top_logprobs or 0
 
     def chunk(choices: list, **extra) -> str:
@@ -326,21 +360,25 @@ async def _chat_stream(state, rid, body: ChatCompletionRequest, jobs, request):
     async def chunks():
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for i in range(jobs[0][1].n)])
-        sent: dict[int, tuple[int, int]] = {}
+        outputs = [ChoiceOutput(plan) for _ in range(jobs[0][1].n)]
+        sent: dict[int, int] = {}  # tokens sent per choice; -1 once finished
         completion_tokens = 0
         async for _, out in _merged(state, jobs, request):
             for o in out.outputs:
-                text_len, tok_len = sent.get(o.index, (0, 0))
-                if text_len < 0:
-                    continue  # already finished
-                delta = o.text[text_len:]
-                if not delta and o.finish_reason is None and len(o.token_ids) == tok_len:
+                tok_len = sent.get(o.index, 0)
+                if tok_len < 0:
                     continue
+                choice = outputs[o.index]
+                delta = choice.delta(o.text, o.finish_reason is not None)
+                if not delta and o.finish_reason is None and (
+                        not body.logprobs or len(o.token_ids) == tok_len):
+                    continue  # tokens held back (a tool call's frame): the next chunk has them
                 completion_tokens += len(o.token_ids) - tok_len
-                sent[o.index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids))
-                yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
+                sent[o.index] = -1 if o.finish_reason else len(o.token_ids)
+                yield chunk([{"index": o.index, "delta": delta,
                               "logprobs": R.chat_logprobs(o, tok_len, top_n),
-                              "finish_reason": o.finish_reason}])
+                              "finish_reason": choice.finish_reason(o.finish_reason,
+                                                                    choice.called)}])
         request.scope["state"]["tokens"] = completion_tokens
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=R.usage(len(jobs[0][0].ids), completion_tokens))

@@ -88,6 +88,7 @@ class SamplingFields(Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # Structured outputs, vLLM's names: the current object and the older guided_* fields.
     structured_outputs: dict | None = None
     guided_json: dict | str | None = None
@@ -96,6 +97,13 @@ class SamplingFields(Body):
     guided_grammar: str | None = None
 
     _stream_options_need_stream = _only_with("stream_options", "stream")
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, value: int | None, info: ValidationInfo):
+        if value is not None and info.data.get("stream"):  # as vLLM: no chunk carries them
+            raise _invalid("not supported with stream")
+        return value
 
     def structured_spec(self) -> StructuredOutputs | None:
         """The one structured-output constraint the body sets; ValueError naming its field."""
@@ -115,7 +123,9 @@ class SamplingFields(Body):
             given.append((f"guided_{kind}", None if value is None else {kind: value}))
         return given
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
+        """`structured`: the output constraint when something else (tool_choice) sets it."""
         bias = None
         if self.logit_bias:
             try:
@@ -132,7 +142,8 @@ class SamplingFields(Body):
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
             logprobs=logprobs, logit_bias=bias, skip_special_tokens=self.skip_special_tokens,
-            structured_outputs=self.structured_spec())
+            structured_outputs=structured or self.structured_spec(),
+            prompt_logprobs=self.prompt_logprobs)
 
 
 class CompletionRequest(SamplingFields):
@@ -157,19 +168,66 @@ class ContentPart(Body):
     text: str
 
 
-class ChatMessage(Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: Unsupported = None
-    tool_calls: Unsupported = None
-    tool_call_id: Unsupported = None
+class FunctionDef(Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None
 
-    def as_template_input(self) -> dict:
+
+class ToolDef(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(Body):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Body):
+    # "function" is the legacy API's tool result, named by `name`.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, validate_default=True)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, validate_default=True)
+    function_call: FunctionCall | None = None
+
+    @field_validator("name", "tool_calls", "tool_call_id", "function_call")
+    @classmethod
+    def _fields_of_its_role(cls, value: object, info: ValidationInfo) -> object:
+        # Rejected by name rather than dropped: a template would print none of them elsewhere.
+        role = info.data.get("role")
+        only = {"tool_calls": "assistant", "function_call": "assistant", "tool_call_id": "tool",
+                "name": "function"}[info.field_name]
+        if value is not None and role != only:
+            raise _invalid(f"only allowed in a {only!r} message")
+        if value is None and role == only and info.field_name in ("name", "tool_call_id"):
+            raise _invalid(f"required in a {only!r} message")
+        return value
+
+    @property
+    def text(self) -> str:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role,
-                "content": content or ""}
+        return content or ""
 
 
 class JsonSchemaFormat(Body):
@@ -198,11 +256,12 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     response_format: ResponseFormat | None = None
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
-    parallel_tool_calls: Unsupported = None
-    functions: Unsupported = None
-    function_call: Unsupported = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # The legacy API: functions are tools, and function_call is tool_choice without "required".
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
 
     _top_logprobs_need_logprobs = _only_with("top_logprobs", "logprobs")
 

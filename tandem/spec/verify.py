@@ -25,6 +25,9 @@ def _ahead(req: Request, extra: list[int]) -> Request:
     and generator), never scheduled."""
     ahead = copy.copy(req)
     ahead.all_token_ids = req.all_token_ids + extra
+    if req.grammar is not None and extra:  # its mask is the one after the proposals too
+        ahead.grammar = req.grammar.deep_copy()
+        ahead.grammar.consume_tokens(extra)
     return ahead
 
 

@@ -54,13 +54,6 @@ WRONG_TYPES = [
 
 # OpenAI fields Tandem does not implement: "not supported", never silently dropped.
 NOT_SUPPORTED = [
-    _chat("tools", tools=[TOOL]), _chat("tool_choice", tool_choice="auto"),
-    _chat("tool_choice", tool_choice="none"), _chat("parallel_tool_calls", parallel_tool_calls=False),
-    _chat("functions", functions=[TOOL["function"]]), _chat("function_call", function_call="auto"),
-    _chat("messages.0.name", messages=_message(name="bob")),
-    _chat("messages.0.tool_call_id", messages=_message(role="tool", tool_call_id="1")),
-    _chat("messages.0.tool_calls", messages=_message(role="assistant", tool_calls=[
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])),
     _cmpl("suffix", suffix="!"),
 ]
 
@@ -70,6 +63,17 @@ CONDITIONAL = [
     _cmpl("stream_options", stream_options={"include_usage": True}),
     _chat("stream_options", stream=False, stream_options={"include_usage": True}),
     _chat("top_logprobs", top_logprobs=2), _chat("top_logprobs", logprobs=False, top_logprobs=0),
+    # a message's fields belong to its role (a participant `name` is not implemented)
+    _chat("messages.0.name", messages=_message(name="bob")),
+    _chat("messages.0.tool_call_id", messages=_message(tool_call_id="1")),
+    _chat("messages.0.tool_call_id", messages=_message(role="tool")),
+    _chat("messages.0.tool_calls", messages=_message(tool_calls=[
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])),
+    _chat("messages.0.name", messages=_message(role="function")),
+    # tool options need tools; the legacy fields do not mix with the current ones
+    _chat("tool_choice", tool_choice="auto"), _chat("parallel_tool_calls", parallel_tool_calls=False),
+    _chat("tools", tools=[TOOL], functions=[TOOL["function"]]),
+    _chat("function_call", function_call="auto"),
 ]
 
 UNKNOWN = [
@@ -133,5 +137,5 @@ def test_openai_client_requests_still_work(client):
 def test_openai_client_sees_which_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT["messages"], max_tokens=2,
-                                       tools=[TOOL])
-    assert e.value.param == "tools"
+                                       tools=[{"type": "function", "function": {}}])
+    assert e.value.param == "tools.0.function.name"
