@@ -73,24 +73,27 @@ def plan_tools(body: ChatCompletionRequest, parser_name: str) -> ToolPlan:
     if choice == "none":
         return ToolPlan()
     parallel = not legacy and body.parallel_tool_calls is not False
-    if choice == "auto":  # a response_format or regex of the request's own may still shape it
-        return ToolPlan(tools, choice, parallel, legacy, PARSERS[parser_name])
-    structured = body.structured_spec()
-    if structured is not None:
-        raise ValueError(f"{structured.label.split('.')[0]}: cannot be combined with "
-                         f"{choice_field} {choice!r}, which constrains the output itself")
     prefix = "functions" if legacy else "tools"
     parts = tuple(StructuredOutputs(json=json.dumps(_parameters(t), sort_keys=True),
                                     source=f"{prefix}.{i}.function.parameters")
                   for i, t in enumerate(tools))
+    strict = [part for t, part in zip(tools, parts) if t.function.strict]
+    if choice == "auto" and not strict:  # the request's own response_format may shape it
+        return ToolPlan(tools, choice, parallel, legacy, PARSERS[parser_name])
+    structured = body.structured_spec()
+    if structured is not None:
+        why = "strict tools" if choice == "auto" else f"{choice_field} {choice!r}"
+        raise ValueError(f"{structured.label.split('.')[0]}: cannot be combined with {why}, "
+                         f"which constrain the output themselves")
+    if choice == "auto":
+        grammar = _auto_grammar(parser_name, tools, parallel)
+        return ToolPlan(tools, choice, parallel, legacy, PARSERS[parser_name],
+                        StructuredOutputs(grammar=grammar, source=prefix), tuple(strict))
     if choice == "named":
         i = names.index(named)
         return ToolPlan(tools, choice, False, legacy, parse_arguments_of(named), parts[i],
                         (parts[i],))
-    array = {"type": "array", "minItems": 1, "items": {"anyOf": [
-        {"type": "object", "properties": {"name": {"const": t.function.name},
-                                          "arguments": _parameters(t)},
-         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]}}
+    array = {"type": "array", "minItems": 1, "items": _call_schema(tools, "arguments", False)}
     if not parallel:
         array["maxItems"] = 1
     # Keys unsorted: llguidance writes properties in the schema's order, and "name" must come
@@ -101,6 +104,30 @@ def plan_tools(body: ChatCompletionRequest, parser_name: str) -> ToolPlan:
 
 def _parameters(tool: ToolDef) -> dict:
     return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def _call_schema(tools: list[ToolDef], key: str, strict_only: bool) -> dict:
+    """A call of any of `tools`: {"name": its name, key: its arguments}, with `name` first (the
+    order llguidance writes them in), so a stream can announce a call before its arguments.
+    `strict_only`: only `strict` tools' arguments must match their parameters."""
+    def arguments(t: ToolDef) -> dict:
+        return _parameters(t) if t.function.strict or not strict_only else {"type": "object"}
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                        key: arguments(t)},
+                       "required": ["name", key], "additionalProperties": False}
+                      for t in tools]}
+
+
+def _auto_grammar(parser: str, tools: list[ToolDef], parallel: bool) -> str:
+    """`auto` with `strict` tools: free text, or calls in the parser's format whose arguments
+    match. Hermes' free text holds no "<", so that the lexer knows where a call begins."""
+    if parser == "hermes":
+        call = json.dumps(_call_schema(tools, "arguments", True))
+        return (f"start: TEXT call{'*' if parallel else '?'}\nTEXT: /[^<]*/\n"
+                f'call: "<tool_call>\\n" %json {call} "\\n</tool_call>" TEXT\n')
+    call = json.dumps(_call_schema(tools, "parameters", True))
+    more = ' ("; " call)*' if parallel else ""
+    return f"start: TEXT | call{more}\nTEXT: /[^{{](.|\\n)*/\ncall: %json {call}\n"
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage],

@@ -182,3 +182,41 @@ def test_a_template_that_takes_tools_renders_them(tokenizer, monkeypatch):
     text, _ = render_messages(tokenizer, body.messages, plan_tools(body, "hermes").tools, False)
     assert text == ('[tool get_weather]<user>Weather in Paris?<assistant>[call get_weather '
                     '{"city": "Paris"}]<tool>18 C[re call_1]')
+
+
+STRICT = {"type": "function", "function": {
+    "name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+        "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("parser,good,bad", [
+    ("hermes", ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+               '</tool_call>'),
+     '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+     '{"name": "get_weather", "parameters": {"city": 5}}'),
+])
+def test_strict_tools_constrain_auto_calls_and_leave_text_free(tokenizer, parser, good, bad):
+    from tandem.structured.grammar import GrammarCache
+
+    plan = plan_tools(_body(tools=[STRICT, TIME]), parser)
+    assert plan.choice == "auto" and plan.parts == (plan.parts[0],)
+    assert plan.parts[0].label == "tools.0.function.parameters"
+    grammars = GrammarCache(tokenizer, len(tokenizer))
+
+    def accepts(text: str) -> bool:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        m = grammars.matcher(plan.constraint)
+        if m.validate_tokens(ids) < len(ids):
+            return False
+        m.consume_tokens(ids)
+        return m.is_accepting()
+
+    assert accepts(good) and accepts("It is sunny, no call needed.")
+    assert not accepts(bad)
+    # a non-strict tool's arguments are only an object
+    other = good.replace('"get_weather"', '"get_time"').replace('"city": "Oslo"', '"x": 1')
+    assert accepts(other)
+    with pytest.raises(ValueError, match="^response_format: cannot be combined with strict"):
+        plan_tools(_body(tools=[STRICT], response_format={"type": "json_object"}), parser)

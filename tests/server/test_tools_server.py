@@ -121,6 +121,20 @@ def test_auto_reads_hermes_blocks(client):
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
 
 
+def test_auto_with_strict_tools_is_constrained(client):
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=strict, n=6,
+                                       temperature=1.0, seed=9, max_tokens=80)
+    for c in r.choices:
+        assert "<" not in (c.message.content or ""), c.message  # free text holds no tag
+        for call in c.message.tool_calls or []:
+            _validate(call)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=strict,
+                                       max_tokens=5, extra_body={"guided_regex": "a"})
+    assert e.value.param == "guided_regex"
+
+
 def test_legacy_functions(client):
     r = client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=60,
                                        temperature=0, functions=[TIME["function"]],
