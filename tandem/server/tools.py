@@ -185,8 +185,9 @@ def _template_message(m: ChatMessage) -> dict:
 
 
 def _fallback_message(m: ChatMessage) -> dict:
-    if m.role in ("tool", "function"):
-        return {"role": "user", "content": f"<tool_response>\n{m.text}\n</tool_response>"}
+    if m.role in ("tool", "function"):  # a legacy function result says whose it is
+        text = m.text if m.name is None else f"{m.name}: {m.text}"
+        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
     content = m.text
     for call in _calls_of(m) if m.role == "assistant" else []:
         content += ("\n" if content else "") + "<tool_call>\n" + json.dumps(

@@ -169,6 +169,10 @@ def test_fallback_prompt_for_a_template_without_tools(tokenizer):
         in text
     assert "<|im_start|>user\n<tool_response>\n18 C\n</tool_response>" in text
     assert tokenizer.decode(ids) == text
+    legacy = _body(messages=[*HISTORY[:1], {"role": "function", "name": "get_time",
+                                            "content": "noon"}], functions=[TIME["function"]])
+    text, _ = render_messages(tokenizer, legacy.messages, plan_tools(legacy, "hermes").tools)
+    assert "<tool_response>\nget_time: noon\n</tool_response>" in text
 
 
 def test_a_template_that_takes_tools_renders_them(tokenizer, monkeypatch):
