@@ -9,17 +9,34 @@ from tandem.router.launch import add_router_args
 from tandem.server.launch import add_server_args
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, as vLLM's `--help` shows them. Left as written: a
+    help that states its own default (every None default says what None means), a flag (off
+    unless given), a required option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default:" in text or action.required or action.nargs == 0
+                or action.default is None):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--sampling-seed", type=int, default=None, help="seed of this request")
-    p.add_argument("--stop", action="append", default=None)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--top-k", type=int, default=-1, help="most likely tokens kept (-1: all)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the top one's probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0: off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0: off")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="seed of this request (default: none, the engine's random state)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop at this string (repeat for several; default: none)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,17 +107,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
-    gen.add_argument("--prompt", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout",
+                         usage="%(prog)s --prompt PROMPT [options]", formatter_class=HelpFormatter)
+    gen.add_argument("--prompt", required=True, help="the text to continue, or with --chat to answer")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                         usage="%(prog)s [options]", formatter_class=HelpFormatter)
     add_engine_args(srv)
     add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
-    rt = sub.add_parser("route", help="route OpenAI requests over several replicas")
+    rt = sub.add_parser("route", help="route OpenAI requests over several replicas",
+                        usage="%(prog)s [options]", formatter_class=HelpFormatter)
     add_router_args(rt)
     rt.set_defaults(func=cmd_route)
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server")

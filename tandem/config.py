@@ -230,58 +230,99 @@ def default_kv_cache_memory(device: torch.device) -> int:
     return min(2 * 1024**3, available // 8)
 
 
+def argument_group(p: argparse.ArgumentParser, title: str,
+                   description: str | None = None) -> argparse._ArgumentGroup:
+    """`p`'s group of this title, made on first use: the helpers that add flags to one parser
+    (engine, server, router, and later ones) file theirs under shared headings in `--help`."""
+    for group in p._action_groups:
+        if group.title == title:
+            return group
+    return p.add_argument_group(title, description)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The EngineConfig flags, in the groups model, KV cache, scheduling, speculative decoding
+    and parallelism."""
     d = EngineConfig()
-    p.add_argument("--model", default=d.model,
-                   help="HF checkpoint folder, a .gguf file, or the alias 'smollm2'")
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="bytes for the KV cache, e.g. 2GiB (default: from free memory)")
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
-                   help="auto: the model dtype; fp8_*: float8 with per-token, per-head scales")
-    p.add_argument("--decode-weight-dtype", default=d.decode_weight_dtype,
-                   choices=list(DECODE_WEIGHT_DTYPES),
-                   help="float16/bfloat16: steps of at most 2 tokens read a 16-bit copy of the "
-                        "weights (faster single-stream decode on CPU; more memory)")
-    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
-                   help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU; the "
-                        "default for a .gguf model); int4/int8: quantize an HF folder's "
-                        "projections while loading; none: dense weights in --dtype")
-    p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
-                   help="columns sharing one scale and zero with --quantization int4")
-    p.add_argument("--dense-weight-copy", action="store_true",
-                   help="quantized layers also keep a dense copy (bfloat16 where the CPU computes "
-                        "it, else float32) for steps of many rows, where it is faster; costs its "
-                        "memory (weight_bytes in the start-up line)")
-    p.add_argument("--kv-host-memory", default=d.kv_host_memory,
-                   help="host memory for KV blocks evicted from the cache, e.g. 4GiB (0: off)")
-    p.add_argument("--kv-store", default=None,
-                   help="a KV block store shared by replicas: redis://host:port[/db] or "
-                        "file:///dir")
-    p.add_argument("--kv-store-timeout", type=float, default=d.kv_store_timeout,
-                   help="seconds any one store call may take")
-    p.add_argument("--kv-store-write-through", action="store_true",
-                   help="write every full block to the store once computed, not only when "
-                        "evicted, so other replicas see it at once")
-    p.add_argument("--speculative-config", default=None,
-                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
-                        '"num_speculative_tokens": 4, "prompt_lookup_max": 5}\' or '
-                        '\'{"method": "draft_model", "model": PATH, '
-                        '"num_speculative_tokens": 4}\'')
-    p.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
-                   help="run the model eagerly: no torch.compile of the decode step")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
-                   help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")
-    p.add_argument("--nnodes", type=int, default=d.nnodes, help="hosts the ranks span")
-    p.add_argument("--node-rank", type=int, default=d.node_rank,
-                   help="this host's index; node 0 serves, the others only compute")
-    p.add_argument("--master-addr", default=d.master_addr, help="node 0's address (in-cluster)")
-    p.add_argument("--master-port", type=int, default=d.master_port,
-                   help="rendezvous port on node 0 (default: a free one, single node only)")
+    model = argument_group(p, "model")
+    model.add_argument("--model", default=d.model,
+                       help="HF checkpoint folder, a .gguf file, or the alias 'smollm2'")
+    model.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                       help="weights and activations; auto: bfloat16 where the hardware computes "
+                            "it natively, else float32")
+    model.add_argument("--device", default=d.device,
+                       help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    model.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                       help="gguf: serve a .gguf model's Q4_0/Q4_1 weights at 4 bits (CPU; the "
+                            "default for a .gguf model); int4/int8: quantize an HF folder's "
+                            "projections while loading; none: dense weights in --dtype; auto: "
+                            "gguf for a .gguf model, else none")
+    model.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
+                       help="columns sharing one scale and zero with --quantization int4")
+    model.add_argument("--dense-weight-copy", action="store_true",
+                       help="quantized layers also keep a dense copy (bfloat16 where the CPU "
+                            "computes it, else float32) for steps of many rows, where it is "
+                            "faster; costs its memory (weight_bytes in the start-up line)")
+    model.add_argument("--decode-weight-dtype", default=d.decode_weight_dtype,
+                       choices=list(DECODE_WEIGHT_DTYPES),
+                       help="float16/bfloat16: steps of at most 2 tokens read a 16-bit copy of "
+                            "the weights (faster single-stream decode on CPU; more memory); "
+                            "auto: the model's weights only")
+    model.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt plus output, in tokens (default: the model's "
+                            "context length)")
+    model.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
+                       help="run the model eagerly: no torch.compile of the decode step "
+                            "(default: off; on where TANDEM_ENFORCE_EAGER=1)")
+    model.add_argument("--seed", type=int, default=d.seed, help="seed of the engine's sampling")
+
+    cache = argument_group(p, "KV cache")
+    cache.add_argument("--kv-cache-memory", default=None,
+                       help="bytes for the KV cache, e.g. 2GiB (default: from free memory: "
+                            "85%% of free GPU memory, or on CPU an eighth of available memory "
+                            "up to 2GiB)")
+    cache.add_argument("--block-size", type=int, default=d.block_size,
+                       help="tokens per KV cache block")
+    cache.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                       choices=list(KV_CACHE_DTYPES),
+                       help="auto: the model dtype; fp8_*: float8 with per-token, per-head scales")
+    cache.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                       action="store_false",
+                       help="do not reuse the KV blocks of a prompt prefix seen before "
+                            "(default: prefix caching on)")
+    cache.add_argument("--kv-host-memory", default=d.kv_host_memory,
+                       help="host memory for KV blocks evicted from the cache, e.g. 4GiB (0: off)")
+    cache.add_argument("--kv-store", default=None,
+                       help="a KV block store shared by replicas: redis://host:port[/db] or "
+                            "file:///dir (default: none)")
+    cache.add_argument("--kv-store-timeout", type=float, default=d.kv_store_timeout,
+                       help="seconds any one store call may take")
+    cache.add_argument("--kv-store-write-through", action="store_true",
+                       help="write every full block to the store once computed, not only when "
+                            "evicted, so other replicas see it at once")
+
+    sched = argument_group(p, "scheduling")
+    sched.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                       help="tokens one engine step computes at most (prefill chunks included)")
+    sched.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                       help="requests running at once; the rest wait")
+
+    spec = argument_group(p, "speculative decoding")
+    spec.add_argument("--speculative-config", default=None,
+                      help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                           '"num_speculative_tokens": 4, "prompt_lookup_max": 5}\' or '
+                           '\'{"method": "draft_model", "model": PATH, '
+                           '"num_speculative_tokens": 4}\' (default: none, one token a step)')
+
+    # `serve` adds --data-parallel-size here (tandem/server/launch.py).
+    par = argument_group(p, "parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                     help="ranks that split every layer (gloo on CPU, NCCL on CUDA)")
+    par.add_argument("--nnodes", type=int, default=d.nnodes, help="hosts the ranks span")
+    par.add_argument("--node-rank", type=int, default=d.node_rank,
+                     help="this host's index; node 0 serves, the others only compute")
+    par.add_argument("--master-addr", default=d.master_addr,
+                     help="node 0's address (in-cluster); $MASTER_ADDR where set")
+    par.add_argument("--master-port", type=int, default=d.master_port,
+                     help="rendezvous port on node 0 (default: $MASTER_PORT, else a free one, "
+                          "single node only)")

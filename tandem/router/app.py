@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from tandem.dashboard.app import dashboard_app, slash_redirect
+from tandem.dashboard.series import Series
+from tandem.dashboard.views import router_counters, router_view
 from tandem.router.proxy import Proxy, Reply, error_body, error_reply, parse_body
 from tandem.router.replicas import ReplicaSet
 from tandem.router.upstream import Pool
@@ -37,6 +40,8 @@ class RouterState:
     waiting: int = 0
     rejected_total: int = 0
     slots: asyncio.Semaphore | None = None
+    dashboard_public: bool = False  # /dashboard/data without an API key
+    discovery: object | None = None  # a router.discovery.DnsDiscovery: adds and drains replicas
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -230,20 +235,33 @@ def build_router_app(state: RouterState):
                          f'{h.count}')
         return PlainTextResponse("\n".join(lines) + "\n")
 
+    series = Series(lambda: router_counters(state.replicas.replicas.values()))
+
+    async def dashboard_data() -> dict:
+        return router_view(list(state.replicas.replicas.values()), series, state.inflight,
+                           state.waiting)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.proxy.client = Pool()
-        task = asyncio.ensure_future(state.replicas.probe_forever(state.proxy.client))
+        tasks = [asyncio.ensure_future(state.replicas.probe_forever(state.proxy.client)),
+                 asyncio.ensure_future(series.run())]
+        if state.discovery is not None:
+            tasks.append(asyncio.ensure_future(state.discovery.run(state.replicas)))
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await state.proxy.client.close()
 
     routes = [Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
               Route("/workers", workers, methods=["GET", "POST"]),
-              Route("/workers/{id}", remove_worker, methods=["DELETE"])]
+              Route("/workers/{id}", remove_worker, methods=["DELETE"]),
+              Route("/dashboard", slash_redirect),
+              Mount("/dashboard", dashboard_app(
+                  dashboard_data, None if state.dashboard_public else authorized))]
     rest = Starlette(routes=routes, lifespan=lifespan)
 
     async def app(scope, receive, send) -> None:

@@ -45,7 +45,8 @@ def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
                 return 1
         router_args = argparse.Namespace(
             worker_urls=urls, policy="cache_aware", tokenizer=args.model, host=args.host,
-            port=args.port, api_key=list(args.api_key), max_concurrent_requests=1024,
+            port=args.port, api_key=list(args.api_key), dashboard_public=args.dashboard_public,
+            max_concurrent_requests=1024,
             max_queue=args.max_queue_len, queue_timeout=30.0, request_timeout=600.0,
             shutdown_timeout=args.shutdown_timeout)
         return route(router_args, supervisor=replicas)

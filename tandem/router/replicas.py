@@ -16,6 +16,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 
+from tandem.dashboard.views import parse_metrics
 from tandem.engine.stats import Histogram
 from tandem.router.breaker import CircuitBreaker
 from tandem.router.policies import ReplicaLoad
@@ -55,6 +56,7 @@ class Replica:
     kv_instance: str | None = None
     kv_seq: int | None = None
     requests_total: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # its tandem: samples, last scrape
     retries_total: int = 0
     latency: Histogram = field(default_factory=Histogram)  # until the last byte, per request
     prompt_tokens: int = 0  # routed here, and how many of them the router expected cached
@@ -181,6 +183,7 @@ class ReplicaSet:
         if got is None or got[0] != 200:
             return
         r.cache_counters = {kind: float(v) for kind, v in _PREFIX.findall(got[1])}
+        r.metrics = parse_metrics(got[1])
         queue = {kind: float(v) for kind, v in _QUEUE.findall(got[1])}
         if queue:
             # The router's own in-flight requests are already in inflight_tokens: count only

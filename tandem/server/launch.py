@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 
-from tandem.config import EngineConfig, dtype_name
+from tandem.config import EngineConfig, argument_group, dtype_name
 from tandem.draining import DrainingServer
 from tandem.engine.async_engine import AsyncEngine
 from tandem.server.openai_api import ServerState, build_app
@@ -47,23 +47,32 @@ class EngineServer(DrainingServer):
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", default=[],
-                   help="accept this bearer key (repeat for several)")
-    p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
-    p.add_argument("--max-queue-len", type=int, default=1024,
-                   help="waiting requests beyond which new ones get 503")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0)
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="replicas of the engine behind a cache-aware router")
-    p.add_argument("--tool-call-parser", default="hermes", choices=sorted(PARSERS),
-                   help="how tool calls are read from output under tool_choice auto: hermes "
-                        "(<tool_call> blocks; Qwen2.5, and the prompt Tandem writes for chat "
-                        "templates without tools) or llama3_json")
-    p.add_argument("--log-stats-interval", type=float, default=10.0,
-                   help="seconds between stats log lines while busy (0: none)")
+    """The HTTP server's flags, in the group server; -dp joins the engine's parallelism group."""
+    par = argument_group(p, "parallelism")
+    par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                     help="replicas of the engine behind a cache-aware router")
+    server = argument_group(p, "server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on")
+    server.add_argument("--api-key", action="append", default=[],
+                        help="accept this bearer key (repeat for several; default: none, "
+                             "no key needed)")
+    server.add_argument("--dashboard-public", action="store_true",
+                        help="serve the status page's data (/dashboard/data) without an API key")
+    server.add_argument("--served-model-name", default=None,
+                        help="model id in the API (default: --model)")
+    server.add_argument("--max-queue-len", type=int, default=1024,
+                        help="waiting requests beyond which new ones get 503")
+    server.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                        help="largest request body accepted; larger ones get 413")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds SIGTERM waits for running requests before aborting them")
+    server.add_argument("--tool-call-parser", default="hermes", choices=sorted(PARSERS),
+                        help="how tool calls are read from output under tool_choice auto: hermes "
+                             "(<tool_call> blocks; Qwen2.5, and the prompt Tandem writes for chat "
+                             "templates without tools) or llama3_json")
+    server.add_argument("--log-stats-interval", type=float, default=10.0,
+                        help="seconds between stats log lines while busy (0: none)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -83,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         return run_node(config)
     engine = AsyncEngine(config, log_stats_interval=args.log_stats_interval)
     state = ServerState(engine, args.served_model_name or args.model, list(args.api_key),
-                        args.max_queue_len, args.tool_call_parser)
+                        args.max_queue_len, args.tool_call_parser, args.dashboard_public)
     app = build_app(state, args.max_request_bytes)
     e = engine.engine
     logger.info("tandem listening on http://%s:%d model=%s dtype=%s device=%s "

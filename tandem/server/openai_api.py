@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -13,6 +14,9 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 import tandem
+from tandem.dashboard.app import dashboard_app, slash_redirect
+from tandem.dashboard.series import Series
+from tandem.dashboard.views import engine_counters, replica_view
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_cache import HASH_SCHEME
 from tandem.engine.outputs import RequestOutput
@@ -38,6 +42,7 @@ class ServerState:
     api_keys: list[str] = field(default_factory=list)
     max_queue_len: int = 1024
     tool_call_parser: str = "hermes"  # reads tool_choice "auto" output (server/tool_parsers.py)
+    dashboard_public: bool = False  # /dashboard/data without an API key
     draining: bool = False
     inflight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
@@ -53,23 +58,43 @@ class _Job:
 
 
 def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="Tandem", version=tandem.__version__)
+    series = Series(lambda: engine_counters(state.engine.engine))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.ensure_future(series.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    app = FastAPI(title="Tandem", version=tandem.__version__, lifespan=lifespan)
     app.state.tandem = state
     app.add_middleware(RequestMiddleware, max_request_bytes=max_request_bytes)
     install_error_handlers(app)
     engine = state.engine
 
-    async def authorize(request: Request) -> None:
+    def authorized(header: str) -> bool:
         if not state.api_keys:
-            return
-        header = request.headers.get("authorization", "")
+            return True
         given = header[7:].encode() if header.lower().startswith("bearer ") else b""
         # Compare against every key, always, so timing says nothing about which one nearly matched.
         ok = False
         for key in state.api_keys:
             ok |= hmac.compare_digest(given, key.encode())
-        if not ok:
+        return ok
+
+    async def authorize(request: Request) -> None:
+        if not authorized(request.headers.get("authorization", "")):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    async def dashboard_data() -> dict:
+        return replica_view(engine.engine, state.model_name, series)
+
+    app.add_route("/dashboard", slash_redirect, include_in_schema=False)
+    app.mount("/dashboard", dashboard_app(dashboard_data,
+                                          None if state.dashboard_public else authorized))
 
     def default_max_tokens(num_prompt: int) -> int:
         """vLLM's default when max_tokens is unset: the rest of the context the server has."""

@@ -24,8 +24,10 @@ class FakeReplicas:
     """`with FakeReplicas({"a": handler}) as f:` f.urls["a"] serves handler; f.seen lists
     the names that got a request, in order, and f.requests the (name, path, query)."""
 
-    def __init__(self, handlers: dict[str, Handler]):
+    def __init__(self, handlers: dict[str, Handler],
+                 listen: dict[str, tuple[str, int]] | None = None):
         self.handlers = handlers
+        self.listen = listen or {}  # name -> (host, port); default 127.0.0.1 on a free port
         self.urls: dict[str, str] = {}
         self.seen: list[str] = []
         self.requests: list[tuple[str, str, dict]] = []
@@ -56,10 +58,11 @@ class FakeReplicas:
             app.router.add_route("*", "/{tail:.*}", self._wrap(name, handler))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            host, port = self.listen.get(name, ("127.0.0.1", 0))
+            site = web.TCPSite(runner, host, port)
             await site.start()
             self._runners.append(runner)
-            self.urls[name] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            self.urls[name] = f"http://{host}:{runner.addresses[0][1]}"
 
     def _wrap(self, name: str, handler: Callable) -> Callable:
         async def handle(request: web.Request) -> web.StreamResponse:

@@ -189,3 +189,15 @@ def test_a_client_leaving_mid_stream_closes_the_replicas_stream():
         finally:
             server.should_exit = True
             thread.join(10)
+
+
+def test_dashboard_data_needs_a_key_unless_public():
+    with router({"a": replica()}, api_keys=["k1"]) as (c, _, fake):
+        assert c.get("/dashboard/").status_code == 200  # the files hold no data
+        assert c.get("/dashboard/data").status_code == 401
+        r = c.get("/dashboard/data", headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200
+        (row,) = r.json()["replicas"]
+        assert row["url"] == fake.urls["a"] and row["state"] == "up"
+    with router({"a": replica()}, api_keys=["k1"], dashboard_public=True) as (c, _, _):
+        assert c.get("/dashboard/data").json()["kind"] == "router"
