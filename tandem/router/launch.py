@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from tandem.draining import DrainingServer
+from tandem.http_args import add_listen_args
 from tandem.router.app import build_router_app, make_state
 from tandem.router.discovery import discovery_from_args, dns_target
 from tandem.router.policies import POLICIES
@@ -37,13 +38,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                          help="the replicas' model (folder or alias): match Tandem replicas' real "
                               "KV blocks instead of text prefixes (default: none, text prefixes)")
     server = p.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on")
-    server.add_argument("--api-key", action="append", default=[],
-                        help="accept this bearer key (repeat for several; default: none, "
-                             "no key needed)")
-    server.add_argument("--dashboard-public", action="store_true",
-                        help="serve the status page's data (/dashboard/data) without an API key")
+    add_listen_args(server)
     server.add_argument("--max-concurrent-requests", type=int, default=256,
                         help="requests in flight to the replicas at once; the rest queue")
     server.add_argument("--max-queue", type=int, default=1024,

@@ -10,6 +10,7 @@ import uvicorn
 from tandem.config import EngineConfig, argument_group, dtype_name
 from tandem.draining import DrainingServer
 from tandem.engine.async_engine import AsyncEngine
+from tandem.http_args import add_listen_args
 from tandem.server.openai_api import ServerState, build_app
 from tandem.server.tool_parsers import PARSERS
 
@@ -52,13 +53,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                      help="replicas of the engine behind a cache-aware router")
     server = argument_group(p, "server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on")
-    server.add_argument("--api-key", action="append", default=[],
-                        help="accept this bearer key (repeat for several; default: none, "
-                             "no key needed)")
-    server.add_argument("--dashboard-public", action="store_true",
-                        help="serve the status page's data (/dashboard/data) without an API key")
+    add_listen_args(server)
     server.add_argument("--served-model-name", default=None,
                         help="model id in the API (default: --model)")
     server.add_argument("--max-queue-len", type=int, default=1024,
