@@ -1,7 +1,9 @@
-"""The flags every HTTP process of Tandem shares (`serve` and `route`)."""
+"""What every HTTP process of Tandem (`serve` and `route`) shares: its listen flags, and the
+check of the bearer keys --api-key gives."""
 from __future__ import annotations
 
 import argparse
+import hmac
 
 
 def add_listen_args(group: argparse._ArgumentGroup) -> None:
@@ -12,3 +14,15 @@ def add_listen_args(group: argparse._ArgumentGroup) -> None:
                             "no key needed)")
     group.add_argument("--dashboard-public", action="store_true",
                        help="serve the status page's data (/dashboard/data) without an API key")
+
+
+def api_key_ok(authorization: str, keys: list[str]) -> bool:
+    """Whether an Authorization header carries one of `keys` (any header when there are none).
+    Compared with every key, always, so timing says nothing about which one nearly matched."""
+    if not keys:
+        return True
+    given = authorization[7:].encode() if authorization.lower().startswith("bearer ") else b""
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key.encode())
+    return ok

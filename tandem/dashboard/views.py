@@ -5,7 +5,7 @@ import re
 import time
 
 from tandem.config import dtype_name
-from tandem.dashboard.series import Series
+from tandem.dashboard.series import COUNTERS, Series
 
 _SAMPLE = re.compile(r"^tandem:(\w+)(?:\{([^}]*)\})? (\S+)$", re.MULTILINE)
 _MODEL_LABEL = re.compile(r'model_name="(?:[^"\\]|\\.)*",?')
@@ -55,8 +55,7 @@ def replica_view(engine, model_name: str, series: Series) -> dict:
 
 def router_counters(replicas) -> dict[str, float]:
     """The router's requests, and its replicas' tokens and latency sums as last scraped."""
-    out = {"requests": 0.0, "tokens": 0.0, "ttft_sum": 0.0, "ttft_count": 0.0,
-           "itl_sum": 0.0, "itl_count": 0.0}
+    out = dict.fromkeys(COUNTERS, 0.0)
     for r in replicas:
         m = r.metrics
         out["requests"] += r.requests_total

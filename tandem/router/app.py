@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
@@ -19,6 +18,7 @@ from starlette.routing import Mount, Route
 from tandem.dashboard.app import dashboard_app, slash_redirect
 from tandem.dashboard.series import Series
 from tandem.dashboard.views import router_counters, router_view
+from tandem.http_args import api_key_ok
 from tandem.router.proxy import Proxy, Reply, error_body, error_reply, parse_body
 from tandem.router.replicas import ReplicaSet
 from tandem.router.upstream import Pool
@@ -106,13 +106,7 @@ def build_router_app(state: RouterState):
     framework in it), everything else by Starlette."""
 
     def authorized(header: str) -> bool:
-        if not state.api_keys:
-            return True
-        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-        ok = False
-        for key in state.api_keys:  # every key, always: timing reveals nothing
-            ok |= hmac.compare_digest(given, key.encode())
-        return ok
+        return api_key_ok(header, state.api_keys)
 
     async def admit() -> Reply | None:
         """Take a concurrency slot, waiting in the bounded queue if need be; or the refusal."""

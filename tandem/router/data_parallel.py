@@ -28,7 +28,7 @@ def replica_argv(argv: list[str], port: int) -> list[str]:
 
 
 def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
-    from tandem.router.launch import route
+    from tandem.router.launch import add_router_args, route
 
     ports = [free_port() for _ in range(args.data_parallel_size)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -43,12 +43,15 @@ def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
             except TimeoutError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-        router_args = argparse.Namespace(
-            worker_urls=urls, policy="cache_aware", tokenizer=args.model, host=args.host,
-            port=args.port, api_key=list(args.api_key), dashboard_public=args.dashboard_public,
-            max_concurrent_requests=1024,
-            max_queue=args.max_queue_len, queue_timeout=30.0, request_timeout=600.0,
-            shutdown_timeout=args.shutdown_timeout)
+        # `tandem route`'s own parser gives every router flag its default; serve's flags
+        # then set the ones they share.
+        parser = argparse.ArgumentParser()
+        add_router_args(parser)
+        router_args = parser.parse_args(["--worker-urls", *urls])
+        vars(router_args).update(
+            tokenizer=args.model, host=args.host, port=args.port, api_key=list(args.api_key),
+            dashboard_public=args.dashboard_public, max_concurrent_requests=1024,
+            max_queue=args.max_queue_len, shutdown_timeout=args.shutdown_timeout)
         return route(router_args, supervisor=replicas)
     finally:
         replicas.stop(args.shutdown_timeout + 10)

@@ -87,13 +87,13 @@ class DnsDiscovery:
 
 def discovery_from_args(args: argparse.Namespace) -> DnsDiscovery | None:
     """`tandem route`'s discovery, if any; at least one way to find replicas is required."""
-    target = getattr(args, "worker_dns", None)  # serve -dp builds its Namespace without it
+    target = args.worker_dns
     if not args.worker_urls and target is None:
         raise ValueError("worker_urls: give the replicas with --worker-urls URL [URL ...], "
                          "--worker-dns NAME:PORT, or both")
     if target is None:
         return None
-    interval = getattr(args, "worker_dns_interval", 5.0)
+    interval = args.worker_dns_interval
     if not interval > 0:
         raise ValueError(f"worker_dns_interval: must be positive, got {interval!r}")
     return DnsDiscovery(*target, interval=interval)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 import uuid
@@ -21,6 +20,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_cache import HASH_SCHEME
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.http_args import api_key_ok
 from tandem.loader.tokenizer import check_text
 from tandem.server import responses as R
 from tandem.server.errors import APIError, from_value_error, install_error_handlers
@@ -76,14 +76,7 @@ def build_app(state: ServerState, max_request_bytes: int = 1 << 20) -> FastAPI:
     engine = state.engine
 
     def authorized(header: str) -> bool:
-        if not state.api_keys:
-            return True
-        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-        # Compare against every key, always, so timing says nothing about which one nearly matched.
-        ok = False
-        for key in state.api_keys:
-            ok |= hmac.compare_digest(given, key.encode())
-        return ok
+        return api_key_ok(header, state.api_keys)
 
     async def authorize(request: Request) -> None:
         if not authorized(request.headers.get("authorization", "")):

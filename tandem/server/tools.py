@@ -73,13 +73,14 @@ def plan_tools(body: ChatCompletionRequest, parser_name: str) -> ToolPlan:
     if choice == "none":
         return ToolPlan()
     parallel = not legacy and body.parallel_tool_calls is not False
+    if choice == "auto" and not any(t.function.strict for t in tools):
+        # Unconstrained; the request's own response_format may still shape it.
+        return ToolPlan(tools, choice, parallel, legacy, PARSERS[parser_name])
     prefix = "functions" if legacy else "tools"
     parts = tuple(StructuredOutputs(json=json.dumps(_parameters(t), sort_keys=True),
                                     source=f"{prefix}.{i}.function.parameters")
                   for i, t in enumerate(tools))
     strict = [part for t, part in zip(tools, parts) if t.function.strict]
-    if choice == "auto" and not strict:  # the request's own response_format may shape it
-        return ToolPlan(tools, choice, parallel, legacy, PARSERS[parser_name])
     structured = body.structured_spec()
     if structured is not None:
         why = "strict tools" if choice == "auto" else f"{choice_field} {choice!r}"
@@ -252,7 +253,7 @@ class ChoiceOutput:
                     "arguments": call.arguments[self.arguments_sent[i]:]}})
                 self.arguments_sent[i] = len(call.arguments)
         if pieces and self.plan.legacy:
-            delta["function_call"] = {k: v for k, v in pieces[0]["function"].items()}
+            delta["function_call"] = pieces[0]["function"]
         elif pieces:
             delta["tool_calls"] = pieces
         return delta
