@@ -7,6 +7,7 @@ No server, no client: the engine's own step, which BENCHMARKS.md's CPU decode nu
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --batches 1 --profile
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --other-thread
     .venv/bin/python benchmarks/decode_step.py --quantization gguf --bmm-min-decodes 1000000
+    .venv/bin/python benchmarks/decode_step.py --quantization gguf --dispatch-rounds 5
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from tandem import LLM, SamplingParams
 from tandem.attention import torch_ref
 from tandem.config import DECODE_WEIGHT_DTYPES, QUANTIZATIONS
+from tandem.engine.layer_dispatch import LayerDispatch
 
 
 def step_ms(llm: LLM, batch: int, steps: int, tag: str, profile: bool = False) -> float:
@@ -67,6 +69,24 @@ def prefill_tok_s(llm: LLM, prompts: int = 8, length: int = 512, rounds: int = 3
     return prompts * length / statistics.median(times)
 
 
+def compare_dispatch(llm: LLM, args: argparse.Namespace) -> None:
+    """Step medians with the layers' graphs called directly and with Dynamo on every layer,
+    in alternating rounds of one process (a shared machine drifts between processes)."""
+    dispatch = LayerDispatch.of(llm.engine.runner.model.model.layers)
+    if dispatch is None:
+        raise SystemExit("--dispatch-rounds needs compiled layers")
+    print("\n| batch | direct (ms) | Dynamo every layer (ms) | ratio |\n|---:|---:|---:|---:|")
+    for b in args.batches:
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(args.dispatch_rounds):
+            for direct in (True, False):
+                dispatch.direct = direct
+                times[direct].append(step_ms(llm, b, args.steps, f"b{b}-{r}-{direct}"))
+        fast, slow = statistics.median(times[True]), statistics.median(times[False])
+        print(f"| {b} | {fast:.2f} | {slow:.2f} | {fast / slow:.3f} |", flush=True)
+    dispatch.direct = True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
@@ -82,6 +102,9 @@ def main() -> None:
     p.add_argument("--other-thread", action="store_true",
                    help="step on a second thread, not the one that loaded the model (what "
                         "AsyncEngine did before it built the engine on its own thread)")
+    p.add_argument("--dispatch-rounds", type=int, default=0,
+                   help="rounds alternating the compiled layers' direct dispatch with Dynamo "
+                        "on every layer (engine/layer_dispatch.py), medians of each")
     p.add_argument("--bmm-min-decodes", type=int, default=torch_ref.BMM_MIN_DECODES,
                    help="decodes from which CPU attention uses batched matmuls, not SDPA")
     args = p.parse_args()
@@ -96,6 +119,9 @@ def main() -> None:
           f"{'another' if args.other_thread else 'the loading'} thread, batched-matmul "
           f"attention from {args.bmm_min_decodes} decodes\n\n| batch | step ms | tok/s |\n"
           f"|---:|---:|---:|")
+    if args.dispatch_rounds:
+        compare_dispatch(llm, args)
+        return
     for b in args.batches:
         run = functools.partial(step_ms, llm, b, args.steps, f"b{b}", args.profile)
         ms = on_another_thread(run) if args.other_thread else run()

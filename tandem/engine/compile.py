@@ -2,7 +2,8 @@
 
 Regional compilation: the decoder layer's forward is traced once and every layer runs the
 result (parameters are graph inputs; attention is the opaque `tandem::attention` op): ~20 s
-for SmolLM2 on 2 cores, where the whole model took 135 s. Inductor's artifacts are cached
+for SmolLM2 on 2 cores, where the whole model took 135 s. Only the first layer of a step goes
+through Dynamo (layer_dispatch.py). Inductor's artifacts are cached
 under $TANDEM_CACHE/inductor, so a second start skips code generation (~3 s).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from tandem.attention.metadata import set_metadata
 from tandem.distributed.parallel_state import tp_size
 from tandem.distributed.step import StepInputs
+from tandem.engine.layer_dispatch import DispatchMismatch, LayerDispatch, backend
 from tandem.loader.model_path import cache_root
 
 if TYPE_CHECKING:
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tandem.compile")
 # Inductor's wrapper checks every input's size and alignment on every call: ~6 us a layer.
 OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+# One backend object for every layer and engine in the process: Dynamo reuses a graph only
+# under the backend that compiled it.
+BACKEND = backend(OPTIONS)
 
 
 def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
@@ -39,10 +44,12 @@ def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     layers = runner.model.model.layers
     for layer in layers:
-        layer.compile(fullgraph=True, options=OPTIONS)
+        layer.compile(fullgraph=True, backend=BACKEND)
+    dispatch = LayerDispatch(layers)
     try:
-        warm_up(runner, layers[0], config.max_num_batched_tokens)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        warm_up(runner, dispatch, config.max_num_batched_tokens)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit,
+            DispatchMismatch) as e:
         # A graph break, or other engines in this process used up Dynamo's 8 graphs a function.
         logger.warning("torch.compile: running the decoder layers eagerly: %r", e)
         for layer in layers:
@@ -63,11 +70,13 @@ def step_stance(compiled: bool) -> contextlib.AbstractContextManager:
 
 
 @torch.inference_mode()
-def warm_up(runner: ModelRunner, layer: torch.nn.Module, max_rows: int) -> None:
-    """Run `layer` on steps of 1, 2, 4 ... max_rows one-token decodes and on max_rows itself,
-    so that Dynamo meets every branch the layer takes on the number of rows now, not on a
-    request: the projections' routes switch at powers of two (linear.py), and every range
-    between two switches holds one of these sizes. One layer suffices: all share its code."""
+def warm_up(runner: ModelRunner, dispatch: LayerDispatch, max_rows: int) -> None:
+    """Run the first layer on steps of 1, 2, 4 ... max_rows one-token decodes and on max_rows
+    itself, so that Dynamo meets every branch the layer takes on the number of rows now, not on
+    a request: the projections' routes switch at powers of two (linear.py), and every range
+    between two switches holds one of these sizes. One layer suffices: all share its code. The
+    second layer runs each graph as the step's other layers do (layer_dispatch.py), and must
+    give what Dynamo gives."""
     model = runner.model.model
     sizes = [1 << i for i in range(max_rows.bit_length())]
     for n in sizes + [max_rows] * (sizes[-1] != max_rows):
@@ -78,7 +87,7 @@ def warm_up(runner: ModelRunner, layer: torch.nn.Module, max_rows: int) -> None:
                          none, none, none)
         set_metadata(runner.metadata(inp))
         try:
-            layer(model.rotary_emb(zeros), model.embed_tokens(zeros))
+            dispatch.check(model.rotary_emb(zeros), model.embed_tokens(zeros))
         finally:
             set_metadata(None)
     runner.kv_cache[:, :, :, 0].zero_()
