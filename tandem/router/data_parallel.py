@@ -5,6 +5,7 @@ and stopped with it."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tandem.procs import free_port, wait_until_ready
@@ -27,13 +28,23 @@ def replica_argv(argv: list[str], port: int) -> list[str]:
     return [*out, "--host", "127.0.0.1", "--port", str(port)]
 
 
+def replica_env(replicas: int) -> dict[str, str]:
+    """The replicas' environment: this machine's cores split between them, unless
+    OMP_NUM_THREADS is set. OpenMP's default, a thread per core in every process, gave each of
+    2 replicas on 2 cores 2 threads: ITL ~250 ms against ~9 ms for one replica."""
+    env = dict(os.environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // replicas))
+    return env
+
+
 def serve_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     from tandem.router.launch import add_router_args, route
 
     ports = [free_port() for _ in range(args.data_parallel_size)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     replicas = Supervisor([[sys.executable, "-m", "tandem.cli", *replica_argv(argv, p)]
-                           for p in ports], urls)
+                           for p in ports], urls, replica_env(len(ports)))
     try:
         for url, proc in zip(urls, replicas.procs):  # they load in parallel: 600 s each is plenty
             try:

@@ -55,9 +55,10 @@ class Supervisor:
     """Starts one replica per command; from `watch()` on, a thread restarts the ones that die,
     until `stop()` or while `draining()` (a replica exiting during shutdown stays down)."""
 
-    def __init__(self, commands: list[list[str]], urls: list[str]):
-        self.commands, self.urls = commands, urls
-        self.procs = [subprocess.Popen(c) for c in commands]
+    def __init__(self, commands: list[list[str]], urls: list[str],
+                 env: dict[str, str] | None = None):
+        self.commands, self.urls, self.env = commands, urls, env
+        self.procs = [subprocess.Popen(c, env=env) for c in commands]
         self.started = [time.monotonic()] * len(commands)
         self.backoffs = [Backoff() for _ in commands]
         self._stop = threading.Event()
@@ -77,7 +78,7 @@ class Supervisor:
                 if i in due:
                     if now >= due[i] and not draining():
                         del due[i]
-                        self.procs[i] = subprocess.Popen(self.commands[i])
+                        self.procs[i] = subprocess.Popen(self.commands[i], env=self.env)
                         self.started[i] = now
                         logger.info("replica %s restarted (pid %d)", self.urls[i],
                                     self.procs[i].pid)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tandem.router import supervisor
+from tandem.router.data_parallel import replica_env
 from tandem.router.supervisor import Backoff, Supervisor, exit_reason
 
 
@@ -84,3 +85,17 @@ def test_no_restart_while_draining_and_stop_ends_every_replica(fast, caplog):
     finally:
         sup.stop(5)
     assert all(p.returncode is not None for p in sup.procs)
+
+
+def test_replicas_split_the_cores_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert replica_env(3)["OMP_NUM_THREADS"] == "2"
+    assert replica_env(16)["OMP_NUM_THREADS"] == "1"
+    out = tmp_path / "threads"
+    sup = Supervisor([["sh", "-c", f'echo "$OMP_NUM_THREADS" > {out}']], ["http://a"],
+                     replica_env(4))
+    assert sup.procs[0].wait(timeout=10) == 0
+    assert out.read_text().strip() == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert replica_env(2)["OMP_NUM_THREADS"] == "5"
