@@ -8,6 +8,7 @@ from torch import nn
 
 from tandem.attention.backend import AttentionBackend
 from tandem.attention.metadata import get_metadata
+from tandem.attention.paged_decode import paged_decode
 
 # Layers by id, for the custom op below: what it reads (caches, backend, the step's metadata)
 # stays out of the compiled graph, as vLLM's unified attention op keeps it.
@@ -24,6 +25,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.k_cache = self.v_cache = torch.empty(0)
+        self.kv_cache = torch.empty(0)  # [2, ...]: k_cache and v_cache as one tensor
         self.k_scale: torch.Tensor | None = None  # per-token scales of a float8 cache
         self.v_scale: torch.Tensor | None = None
         index = next(_ids)
@@ -32,8 +34,14 @@ class Attention(nn.Module):
         # compile the decoder layer once per layer instead of once.
         self.layer_id = torch.tensor(index)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                decode: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """`decode`: (slots, block tables, context lengths) when a compiled step only decodes
+        (ModelRunner.decode_inputs): its attention is traced into the graph. Otherwise the
+        step's metadata (metadata.py) says what to do, eagerly."""
         if torch.compiler.is_compiling():
+            if decode:
+                return paged_decode(q, k, v, self.kv_cache, *decode)
             return torch.ops.tandem.attention(q, k, v, self.layer_id)
         return self.attend(q, k, v)  # eager: no dispatcher round trip
 

@@ -2,8 +2,9 @@
 
 Regional compilation: the decoder layer's forward is traced once and every layer runs the
 result (parameters are graph inputs; attention is the opaque `tandem::attention` op): ~20 s
-for SmolLM2 on 2 cores, where the whole model took 135 s. Only the first layer of a step goes
-through Dynamo (layer_dispatch.py). Inductor's artifacts are cached
+for SmolLM2 on 2 cores, where the whole model took 135 s. A step that only decodes traces its
+attention into the graph instead (attention/paged_decode.py). Only the first layer of a step
+goes through Dynamo (layer_dispatch.py). Inductor's artifacts are cached
 under $TANDEM_CACHE/inductor, so a second start skips code generation (~3 s).
 """
 from __future__ import annotations
@@ -42,6 +43,10 @@ def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
         return False
     # Read at Inductor's first compile in this process, unless something set it before.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    # Dynamo's default of 8 graphs a function: one engine's warm-up makes up to 6 of the
+    # shared layer code (steps with and without prefills, by row range), a draft model's as
+    # many again.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = runner.model.model.layers
     for layer in layers:
         layer.compile(fullgraph=True, backend=BACKEND)
@@ -85,9 +90,14 @@ def warm_up(runner: ModelRunner, dispatch: LayerDispatch, max_rows: int) -> None
         # Every row writes slot 0 and reads block 0, which is zeroed again below.
         inp = StepInputs(zeros, zeros, zeros, zeros.view(n, 1), zeros + 1, none.view(0, 3),
                          none, none, none)
-        set_metadata(runner.metadata(inp))
+        meta = runner.metadata(inp)
+        set_metadata(meta)
         try:
-            dispatch.check(model.rotary_emb(zeros), model.embed_tokens(zeros))
+            rope, x = model.rotary_emb(zeros), model.embed_tokens(zeros)
+            dispatch.check(rope, x)  # a step with prefills
+            decode = runner.decode_inputs(inp, meta)
+            if decode:  # a step that only decodes
+                dispatch.check(rope + decode, x)
         finally:
             set_metadata(None)
     runner.kv_cache[:, :, :, 0].zero_()

@@ -62,12 +62,14 @@ def _meta(t: torch.Tensor) -> tuple:
 
 
 class Graph:
-    """A compiled graph, and where each of its inputs comes from in a call `layer(rope, x)`:
-    ("x",), ("rope", i), ("rows",) or ("attr", getter, metadata Dynamo traced with)."""
+    """A compiled graph, and where each of its inputs comes from in a call `layer(step, x)`:
+    ("x",), ("step", i), ("size", input, dim) or ("attr", getter, metadata Dynamo traced
+    with)."""
 
     def __init__(self, fn: Callable, inputs: list[tuple], signature: tuple):
         self.fn, self.inputs, self.signature = fn, inputs, signature
-        self.slots = [(i, s) for i, s in enumerate(inputs) if s[0] != "attr"]  # the call's own
+        self.calls = [(i, s) for i, s in enumerate(inputs) if s[0] in ("x", "step")]
+        self.sizes = [(i, s) for i, s in enumerate(inputs) if s[0] == "size"]
         # Per layer: its inputs with the call's own left None, or None where it differs from
         # the traced layer (which Dynamo's guards would have caught).
         self.args: weakref.WeakKeyDictionary[nn.Module, list | None] = weakref.WeakKeyDictionary()
@@ -94,36 +96,49 @@ class Graph:
             args.append(value)
         return args
 
-    def run(self, layer: nn.Module, rope: tuple[torch.Tensor, ...], x: torch.Tensor
+    def run(self, layer: nn.Module, step: tuple[torch.Tensor, ...], x: torch.Tensor
             ) -> torch.Tensor | None:
         """The layer's output, or None when this graph cannot run it."""
         args = self.args_for(layer)
         if args is None:
             return None
         args = list(args)
-        for i, source in self.slots:
-            args[i] = (x if source[0] == "x" else rope[source[1]] if source[0] == "rope"
-                       else x.shape[0])
+        for i, source in self.calls:
+            args[i] = x if source[0] == "x" else step[source[1]]
+        for i, source in self.sizes:
+            args[i] = args[source[1]].shape[source[2]]
         return self.fn(*args)[0]
 
 
-def _layout(example_inputs: list, layer: nn.Module, rope: tuple, x: torch.Tensor
-            ) -> list[tuple] | None:
+def _layout(gm: torch.fx.GraphModule, example_inputs: list, layer: nn.Module, step: tuple,
+            x: torch.Tensor) -> list[tuple] | None:
     paths = _tensors(layer)
     inputs: list[tuple] = []
     for value in example_inputs:
         if value is x:
             inputs.append(("x",))
-        elif any(value is r for r in rope):
-            inputs.append(("rope", next(i for i, r in enumerate(rope) if value is r)))
-        elif isinstance(value, torch.SymInt) and value.node.hint == x.shape[0]:
-            # The rows as a symbol (a dynamic-shape graph); its hint is this call's value,
-            # read without the guard that comparing the symbol would add.
-            inputs.append(("rows",))
+        elif any(value is t for t in step):
+            inputs.append(("step", next(i for i, t in enumerate(step) if value is t)))
         elif isinstance(value, torch.Tensor) and id(value) in paths:
             inputs.append(("attr", operator.attrgetter(paths[id(value)]), _meta(value)))
+        elif isinstance(value, torch.SymInt):
+            inputs.append(("size",))  # resolved below
         else:
             return None  # an input we cannot find in another layer's call
+    # A symbolic size (dynamic rows, context width) is read from the call's tensor that has
+    # it: matched by symbol, not by value, which two sizes may share in the traced call.
+    fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, source in enumerate(inputs):
+        if source[0] != "size":
+            continue
+        symbol = fakes[i].node.expr
+        where = [(j, d) for j, (src, fake) in enumerate(zip(inputs, fakes))
+                 if src[0] in ("x", "step")
+                 for d, size in enumerate(fake.shape)
+                 if isinstance(size, torch.SymInt) and size.node.expr == symbol]
+        if not where:
+            return None
+        inputs[i] = ("size", *where[0])
     return inputs
 
 
@@ -136,7 +151,7 @@ def backend(options: dict) -> Callable:
             fn = compile_fx(gm, example_inputs)
         call = getattr(_local, "call", None)
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        inputs = _layout(example_inputs, *call) if call else None
+        inputs = _layout(gm, example_inputs, *call) if call else None
         if inputs is None or len(outputs) != 1:
             return fn
         return Graph(fn, inputs, _signature(call[0]))
@@ -146,15 +161,19 @@ def backend(options: dict) -> Callable:
 
 class LayerDispatch:
     """Installed on compiled layers (as their `_compiled_call_impl`): layers[0] runs through
-    Dynamo and the others run the graph it ran, given the same number of rows and dtype; any
-    other call goes through Dynamo."""
+    Dynamo and the others run the graph it ran, given the same step tuple, number of rows and
+    dtype; any other call goes through Dynamo."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = list(layers)
         self.dynamo = [layer._compiled_call_impl for layer in self.layers]
         self.graph: Graph | None = None
-        self.key: tuple = ()  # the leader's rows and dtype, which picked the graph
+        # What the leader's call was, which picked the graph: its step tuple (the same object
+        # for every layer of one forward pass), rows and dtype.
+        self.step: tuple | None = None
+        self.key: tuple = ()
         self.direct = True  # False: every layer through Dynamo (benchmarks/decode_step.py)
+        self.graphs: set[Graph] = set()  # every graph the leader ran
         self.layers[0]._compiled_call_impl = self.lead
         for i, layer in enumerate(self.layers[1:], 1):
             layer._compiled_call_impl = functools.partial(self.follow, i)
@@ -164,24 +183,27 @@ class LayerDispatch:
         owner = getattr(layers[0]._compiled_call_impl, "__self__", None)
         return owner if isinstance(owner, LayerDispatch) else None
 
-    def lead(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        _local.call, _local.ran = (self.layers[0], rope, x), None
+    def lead(self, step: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        _local.call, _local.ran = (self.layers[0], step, x), None
         try:
-            out = self.dynamo[0](rope, x)
+            out = self.dynamo[0](step, x)
         finally:
             _local.call = None
-        self.graph, self.key = _local.ran, (x.shape[0], x.dtype)
+        self.graph, self.step, self.key = _local.ran, step, (x.shape[0], x.dtype)
+        if self.graph is not None:
+            self.graphs.add(self.graph)
         return out
 
-    def follow(self, i: int, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    def follow(self, i: int, step: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         out = None
-        if self.direct and self.graph is not None and (x.shape[0], x.dtype) == self.key:
-            out = self.graph.run(self.layers[i], rope, x)
-        return self.dynamo[i](rope, x) if out is None else out
+        if (self.direct and self.graph is not None and step is self.step
+                and (x.shape[0], x.dtype) == self.key):
+            out = self.graph.run(self.layers[i], step, x)
+        return self.dynamo[i](step, x) if out is None else out
 
-    def check(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
+    def check(self, step: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
         """Run the first layer, then the second both as a step would and through Dynamo."""
-        self.lead(rope, x)
-        if len(self.layers) > 1 and not torch.equal(self.layers[1](rope, x),
-                                                    self.dynamo[1](rope, x)):
+        self.lead(step, x)
+        if len(self.layers) > 1 and not torch.equal(self.layers[1](step, x),
+                                                    self.dynamo[1](step, x)):
             raise DispatchMismatch(f"layer 1 at {x.shape[0]} rows")

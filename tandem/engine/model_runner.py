@@ -65,11 +65,18 @@ class ModelRunner:
         a = self.attn_layers[0]
         shape = (2, len(self.attn_layers), a.num_kv_heads, self.num_blocks, self.block_size)
         # Zeroed, not empty: padded gathers read unused blocks, and NaN garbage survives masking.
-        self.kv_cache = torch.zeros(*shape, a.head_dim, dtype=self.kv_dtype, device=self.device)
+        # Stored layer-major, so that a layer's K and V are one contiguous tensor: a compiled
+        # graph that writes it in place (attention/paged_decode.py) must not take two aliasing
+        # views (AOTAutograd then copies the whole storage, 25 ms a layer). `kv_cache` keeps
+        # the [2, layers, ...] order for everyone else (the KV tiers).
+        layer_major = torch.zeros(shape[1], shape[0], *shape[2:], a.head_dim,
+                                  dtype=self.kv_dtype, device=self.device)
+        self.kv_cache = layer_major.transpose(0, 1)
         self.kv_scale = (torch.zeros(shape, dtype=SCALE_DTYPE, device=self.device)
                          if is_fp8(self.kv_dtype) else None)
         for i, layer in enumerate(self.attn_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.kv_cache = layer_major[i]
+            layer.k_cache, layer.v_cache = layer_major[i, 0], layer_major[i, 1]
             if self.kv_scale is not None:
                 layer.k_scale, layer.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
         self.compiled = compile_model(self, config)
@@ -169,14 +176,28 @@ class ModelRunner:
             at += nb
         return meta
 
+    def decode_inputs(self, inp: StepInputs, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+        """What the compiled layers of a step that only decodes take, so that its attention is
+        traced into their graph (attention/paged_decode.py): (slots, block tables, context
+        lengths); () for any other step, and with a float8 cache."""
+        if meta.prefills or not meta.num_decode or self.kv_scale is not None:
+            return ()
+        tables = inp.decode_tables
+        if tables.shape[1] == 1:  # Dynamo would give a width of 1 graphs of its own
+            tables = torch.nn.functional.pad(tables, (0, 1))
+        torch._dynamo.maybe_mark_dynamic(tables, 1)  # one graph for every context length
+        return inp.slots, tables, inp.decode_lens
+
     @torch.inference_mode()
     def run(self, inp: StepInputs) -> torch.Tensor | None:
         """The forward pass; on rank 0 the logits of the sampled rows, then of the prompt rows
         (None on other ranks)."""
-        set_metadata(self.metadata(inp))
+        meta = self.metadata(inp)
+        set_metadata(meta)
         try:
             with step_stance(self.compiled):
-                hidden = self.model(inp.input_ids, inp.positions)
+                hidden = self.model(inp.input_ids, inp.positions,
+                                    self.decode_inputs(inp, meta) if self.compiled else ())
         finally:
             set_metadata(None)
         rows = inp.sample_rows

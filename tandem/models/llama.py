@@ -37,14 +37,15 @@ class LlamaAttention(nn.Module):
                                         bias=o_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, step: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads + self.num_kv_heads
         qk_size = heads * self.head_dim
         qkv = self.qkv_proj(x)
         # Queries and keys rotate as one tensor: half the small ops of doing each apart.
-        qk = apply_rotary(qkv[:, :qk_size].view(-1, heads, self.head_dim), rope)
+        qk = apply_rotary(qkv[:, :qk_size].view(-1, heads, self.head_dim), step[:2])
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        o = self.attn(q, k, qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim))
+        o = self.attn(q, k, qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim),
+                      step[2:])
         return self.o_proj(o.flatten(1))
 
 
@@ -69,10 +70,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, step: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         # The residual stream in, the residual stream out: one signature for every layer, so
-        # torch.compile traces the decoder layer once (see engine/compile.py).
-        x = x + self.self_attn(rope, self.input_layernorm(x))
+        # torch.compile traces the decoder layer once (see engine/compile.py). `step`: the
+        # rows' rotary (cos, sin), then a compiled decode-only step's attention inputs
+        # (Attention.forward).
+        x = x + self.self_attn(step, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -86,11 +89,12 @@ class LlamaModel(nn.Module):
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                decode: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions)  # once a step, not once a layer
+        step = self.rotary_emb(positions) + decode  # once a step, not once a layer
         for layer in self.layers:
-            x = layer(rope, x)
+            x = layer(step, x)
         return self.norm(x)
 
 
@@ -115,8 +119,9 @@ class LlamaForCausalLM(nn.Module):
         bias = getattr(config, "attention_bias", False)
         return bias, bias
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                decode: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        return self.model(input_ids, positions, decode)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)

@@ -1,12 +1,14 @@
 """The torch backend's decode attention over paged K/V, on both of its routes (SDPA for a few
 decodes, two batched matmuls from BMM_MIN_DECODES on the CPU), against plain attention over
-each request's own unpaged keys and values."""
+each request's own unpaged keys and values; and the compiled layers' decode attention
+(paged_decode.py) against both."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tandem.attention import torch_ref
 from tandem.attention.metadata import AttentionMetadata
+from tandem.attention.paged_decode import paged_decode
 from tandem.attention.torch_ref import TorchAttention
 from tandem.engine.model_runner import additive
 
@@ -68,3 +70,26 @@ def test_both_routes_agree(monkeypatch):
     monkeypatch.setattr(torch_ref, "BMM_MIN_DECODES", 10**9)
     sdpa = TorchAttention().forward(q, k, v, k_cache, v_cache, meta)
     torch.testing.assert_close(bmm, sdpa, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def compiled_paged_decode():
+    # Dynamic rows and width from the first call: one graph for every batch below.
+    return torch.compile(paged_decode, fullgraph=True, dynamic=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+@pytest.mark.parametrize("n", [1, 3, 2 * torch_ref.BMM_MIN_DECODES])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_paged_decode_math_matches_the_backend(n, dtype, atol, compiled, compiled_paged_decode):
+    """attention/paged_decode.py, the compiled layers' decode attention: the backend's cache
+    writes, and its outputs within the dtype's rounding of unpaged attention."""
+    q, k, v, k_cache, v_cache, meta, keys, values = _decode_batch(n, dtype, seed=n)
+    kv = torch.stack((k_cache, v_cache))
+    TorchAttention().forward(q, k, v, k_cache, v_cache, meta)
+    lens = torch.tensor([len(x) for x in keys])
+    fn = compiled_paged_decode if compiled else paged_decode
+    out = fn(q, k, v, kv, meta.slot_mapping, meta.decode_block_tables, lens)
+    assert torch.equal(kv[0], k_cache) and torch.equal(kv[1], v_cache)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), _reference(q, keys, values), atol=atol, rtol=0)
