@@ -1,13 +1,12 @@
 """Decode attention over the paged cache as plain tensor math, for Inductor to fuse into the
 compiled decoder layer of a step that only decodes (engine/compile.py).
 
-Through the opaque `tandem::attention` op, a one-row decode's attention is ~10 ATen calls
-(cache writes, gathers, SDPA, copies) at 2-17 us each: 42 us a layer on a 2-core EPYC for 144
-cached tokens, where the arithmetic is ~80 K multiply-adds. Written as broadcasts and sums,
-Inductor turns the writes, the gathers through the block table, the scores, the softmax and the
-weighted sum into a few C++ loops: 16 us (bfloat16, 1 decode, 144 tokens), 77 against 145 us at
-8 decodes of 256 tokens, 537 against 1,063 at 64 (a one-off script, kernels called directly).
-Eagerly this would be slow (it materializes [KV heads, decodes, group, tokens, head dim]
+Through the opaque `tandem::attention` op, a decode's attention is ~10 ATen calls (cache
+writes, gathers, SDPA, copies), each with its own dispatch and allocation, for a few
+multiply-adds per cached token. Written as broadcasts and sums, Inductor turns the writes, the
+gathers through the block table, the scores, the softmax and the weighted sum into a few C++
+loops (BENCHMARKS.md, issue 14 sixth step: a step 0.94x at one row, 0.77x at 64 rows, of the
+same code with attention in the opaque op). Eagerly this would be slow (it materializes [KV heads, decodes, group, tokens, head dim]
 products); it runs only inside a compiled graph.
 """
 from __future__ import annotations

@@ -55,7 +55,8 @@ def compile_model(runner: ModelRunner, config: EngineConfig) -> bool:
         warm_up(runner, dispatch, config.max_num_batched_tokens)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit,
             DispatchMismatch) as e:
-        # A graph break, or other engines in this process used up Dynamo's 8 graphs a function.
+        # A graph break, other engines in this process used up Dynamo's graphs for the layer
+        # code, or a graph called directly disagreed with Dynamo's call of it.
         logger.warning("torch.compile: running the decoder layers eagerly: %r", e)
         for layer in layers:
             layer._compiled_call_impl = None

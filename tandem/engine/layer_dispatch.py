@@ -1,8 +1,8 @@
 """The decoder layers' compiled graphs, called without Dynamo for all but a step's first layer.
 
 Every call of a torch.compile'd function goes through Dynamo: its cache lookup, the guards that
-pick a graph, the bytecode that gathers the graph's inputs: ~35 us of a layer's ~190 at one row
-(1 ms of an 8.5 ms step on a 2-core EPYC, `benchmarks/decode_step.py`). All layers run the same
+pick a graph, the bytecode that gathers the graph's inputs: ~1 ms of a 9 ms one-row step on a
+2-core EPYC (`benchmarks/decode_step.py --dispatch-rounds`, BENCHMARKS.md). All layers run the same
 graphs (compile.py), so the first layer of a step goes through Dynamo, which picks the graph for
 the step's shapes, and the other layers call that graph with their own weights, as vLLM
 dispatches to its compiled code without Dynamo's guards.
@@ -117,8 +117,8 @@ def _layout(gm: torch.fx.GraphModule, example_inputs: list, layer: nn.Module, st
     for value in example_inputs:
         if value is x:
             inputs.append(("x",))
-        elif any(value is t for t in step):
-            inputs.append(("step", next(i for i, t in enumerate(step) if value is t)))
+        elif (at := next((i for i, t in enumerate(step) if value is t), None)) is not None:
+            inputs.append(("step", at))
         elif isinstance(value, torch.Tensor) and id(value) in paths:
             inputs.append(("attr", operator.attrgetter(paths[id(value)]), _meta(value)))
         elif isinstance(value, torch.SymInt):

@@ -67,7 +67,7 @@ class ModelRunner:
         # Zeroed, not empty: padded gathers read unused blocks, and NaN garbage survives masking.
         # Stored layer-major, so that a layer's K and V are one contiguous tensor: a compiled
         # graph that writes it in place (attention/paged_decode.py) must not take two aliasing
-        # views (AOTAutograd then copies the whole storage, 25 ms a layer). `kv_cache` keeps
+        # views (AOTAutograd then copies the whole storage on every call). `kv_cache` keeps
         # the [2, layers, ...] order for everyone else (the KV tiers).
         layer_major = torch.zeros(shape[1], shape[0], *shape[2:], a.head_dim,
                                   dtype=self.kv_dtype, device=self.device)

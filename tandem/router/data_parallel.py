@@ -31,8 +31,8 @@ def replica_argv(argv: list[str], port: int) -> list[str]:
 def replica_env(replicas: int) -> dict[str, str]:
     """The replicas' environment: this machine's cores split between them, unless
     OMP_NUM_THREADS is set. OpenMP's default is a thread per core in every process: with 2
-    replicas on 2 cores and a stream on each, ITL p50 was 51.3 ms against 11.3 ms with a thread
-    each (one stream alone: 8.9 against 10.3; SmolLM2 Q4_1, 2-core EPYC, 2026-12-03)."""
+    replicas on 2 cores and a stream on each, ITL p50 was 51.6 ms against 10.2 ms with a thread
+    each (benchmarks/dp_threads.py, BENCHMARKS.md)."""
     env = dict(os.environ)
     if not env.get("OMP_NUM_THREADS"):
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // replicas))
