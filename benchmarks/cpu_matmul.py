@@ -12,10 +12,18 @@ Routes (the weight's dtype, then the activations'):
   int4-f32   the same with float32 activations: a scalar loop, run at rows 1 and 4 only
   int8-bf16  _weight_int8pack_mm, per-channel scales, bfloat16 activations
   int8-f32   the same with float32 activations: ~65 ms a step per row here, run up to 16 rows
+  int4-avx2  Tandem's AVX2 kernel (tandem/quantization/avx2_kernels.py), float32 activations
+  w8a8       int8 weights and int8 activations, one scale a row each (torch._int_mm, oneDNN's s8
+             GEMM; the activations quantized in the call, eagerly). Not served: its accuracy
+             misses issue 14's bound (benchmarks/int8_activations.py)
+  w8a8-c     the same, its quantization and rescale fused by torch.compile
+
+Set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (and
+TORCHINDUCTOR_CACHE_DIR to a cache of its own) for every kernel's AVX2 path.
 
 ms a step: the median of --repeats passes (after one warm-up pass), routes taken in turn within
 each repeat so that a noisy neighbour hits them alike. Set ATEN_CPU_CAPABILITY=avx2 to see ATen's
-own kernels (int4pack, int8pack) on their AVX2 path; oneDNN and MKL GEMMs pick their own ISA.
+own kernels (int4pack, int8pack) on their AVX2 path only.
 
     .venv/bin/python benchmarks/cpu_matmul.py [--rows 1 4 16] [--routes f32 bf16 int4-bf16]
 """
@@ -31,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from tandem.quantization import avx2_kernels
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576),  # q, k, v, o
                 (1536, 576), (1536, 576), (576, 1536)]           # gate, up, down
@@ -64,6 +74,20 @@ class Route:
     rows: tuple[int, ...] | None = None  # None: every row count
 
 
+def int4_avx2_weight(n: int, k: int, act: torch.dtype) -> tuple[torch.Tensor, ...]:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale = torch.rand(n, k // GROUP) * 0.01
+    return avx2_kernels.pack_int4(codes, scale, -8 * scale)
+
+
+def w8a8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xs = x.abs().amax(dim=1, keepdim=True) / 127
+    xq = (x / xs.clamp(min=1e-30)).round().clamp(-127, 127).to(torch.int8)
+    return torch._int_mm(xq, codes.t()).float() * xs * scale  # [K, N] view: no copy of W
+
+
+_w8a8_compiled = torch.compile(w8a8_matmul, dynamic=True)
+
 ROUTES = {
     "f32": Route(torch.float32, dense_weight(torch.float32), F.linear),
     "f32-wxt": Route(torch.float32, dense_weight(torch.float32),
@@ -78,6 +102,9 @@ ROUTES = {
     "int8-bf16": Route(torch.bfloat16, int8_weight, torch.ops.aten._weight_int8pack_mm),
     "int8-f32": Route(torch.float32, int8_weight, torch.ops.aten._weight_int8pack_mm,
                       rows=(1, 2, 4, 8, 16)),
+    "int4-avx2": Route(torch.float32, int4_avx2_weight, avx2_kernels.int4_mm),
+    "w8a8": Route(torch.float32, int8_weight, w8a8_matmul),
+    "w8a8-c": Route(torch.float32, int8_weight, _w8a8_compiled),
 }
 
 
@@ -104,6 +131,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if "int4-avx2" in args.routes and not avx2_kernels.load():
+        p.error("int4-avx2: the kernel did not build here (see the warning)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(machine())

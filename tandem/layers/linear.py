@@ -63,13 +63,15 @@ SKINNY_MAX_ROWS = 128
 
 
 # Rows from which a dense copy beats the quantized kernel, by the ISA that runs them
-# (benchmarks/cpu_matmul.py; BENCHMARKS.md, issue 14): ATen's int4 kernel has an AVX-512 and a
-# slower AVX2 path (ATEN_CPU_CAPABILITY picks it), and oneDNN's bfloat16 GEMM takes AMX where
-# the CPU has it. Without AVX2 the int4 kernel is a scalar loop: the dense copy always wins.
+# (benchmarks/cpu_matmul.py; BENCHMARKS.md, issue 14): ATen's int4 kernel with AVX-512, and
+# oneDNN's bfloat16 GEMM takes AMX where the CPU has it; with AVX2 only, Tandem's kernel
+# (quantization/avx2_kernels.py), which float32 first beats at 1,024 rows (bfloat16 there is
+# from ATen's AVX2 path, as only TANDEM_CPU_BF16=1 makes such a copy). Without AVX2 the int4
+# kernel is a scalar loop: the dense copy always wins.
 DENSE_CROSSOVERS = {
     "AMX": {torch.bfloat16: 16, torch.float32: 64},
     "AVX512": {torch.bfloat16: 32, torch.float32: 256},
-    "AVX2": {torch.bfloat16: 16, torch.float32: 128},
+    "AVX2": {torch.bfloat16: 16, torch.float32: 1024},
 }
 
 

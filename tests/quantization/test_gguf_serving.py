@@ -14,6 +14,7 @@ from tandem import LLM, SamplingParams
 from tandem.config import cpu_isa
 from tandem.layers.linear import dense_min_rows
 from tandem.loader.gguf_quant import QUANT_FILE, unpack_nibbles
+from tandem.quantization import avx2_kernels
 from tandem.quantization.int4 import dequantize_int4
 from tandem.quantization.q8_0 import dequantize_q8_0
 
@@ -77,10 +78,13 @@ def test_4bit_weights_take_a_quarter_of_the_bytes(pair):
     model = q4.engine.runner.model
     head = model.lm_head.quant
     assert head is model.model.embed_tokens.quant is not None
-    # With AVX2 only, few-row steps read a float16 copy of the head (prepare_q8), counted too.
-    assert (head.f16 is not None) == (cpu_isa() not in ("AVX512", "AMX"))
+    # With AVX2 only, the head runs Tandem's kernel on float16 copies of its scales, or without
+    # it few-row steps read a float16 copy of the head (prepare_q8); either is counted too.
+    avx2 = head.avx2_scale is not None
+    assert avx2 == avx2_kernels.wanted()
+    assert (head.f16 is not None) == (cpu_isa() not in ("AVX512", "AMX") and not avx2)
     emb = 49152 * 576 * 4
-    emb_q8 = 49152 * 576 * (1 + 4 / 32 + 2 * (head.f16 is not None))
+    emb_q8 = 49152 * 576 * (1 + 4 / 32 + 2 * (head.f16 is not None) + 2 / 32 * avx2)
     proj_dense = dense.engine.runner.weight_bytes - emb
     proj_q4 = q4.engine.runner.weight_bytes - emb_q8
     assert proj_q4 < proj_dense / 4, (proj_q4, proj_dense)
