@@ -92,8 +92,9 @@ METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms"
 WARMUP_SEED = 10**6  # warm-up prompts share no prefix with measured ones
 
 
-# What --isa avx2 gives Tandem's servers: ATen's AVX2 kernels (int4pack included), oneDNN's and
-# MKL's GEMMs capped at AVX2, and float32 where an AVX2 machine has no native bfloat16.
+# What --isa avx2 gives Tandem's servers: ATen's AVX2 kernels, and so Tandem's own AVX2 kernels
+# for 4-bit and Q8_0 weights (quantization/avx2_kernels.py), which it picks by that ISA;
+# oneDNN's and MKL's GEMMs capped at AVX2; float32 where an AVX2 machine has no native bfloat16.
 # Inductor's kernels go to a cache of their own: ones compiled under this capping, loaded later
 # by an uncapped process from the shared cache, aborted it (seen 2026-12-03).
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -33,6 +33,10 @@ def read_by_step(m: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]]:
     if quant is not None:
         kind = QUANT_KINDS.get(type(quant).__name__, type(quant).__name__)
         tensors = quant.tensors
+        if getattr(quant, "avx2_scale", None) is not None:  # the AVX2 kernel's float16 scales
+            tensors = (quant.codes, quant.avx2_scale)
+        elif getattr(quant, "f16", None) is not None:  # few rows read the float16 copy only
+            kind, tensors = "f16", (quant.f16,)
     elif getattr(m, "lowp", None) is not None:
         kind, tensors = SHORT.get(m.lowp.dtype, str(m.lowp.dtype)), (m.lowp,)
     else:
