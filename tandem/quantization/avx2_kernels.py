@@ -66,12 +66,14 @@ def fits_int4(n: int, k: int, group_size: int) -> bool:
 
 @functools.cache
 def load() -> bool:
-    """Build (once per source and torch) and load the op; False, with a warning, if that fails."""
+    """Build (once per source, torch and compiler) and load the ops; False, with a warning, if
+    that fails."""
     torch_dir = Path(torch.__file__).parent
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+    cxx = os.environ.get("CXX", "g++")
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
-                         + " ".join(flags).encode()).hexdigest()[:16]
+                         + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"avx2_kernels-{key}.so"
     try:
         if not lib.exists():
@@ -80,7 +82,7 @@ def load() -> bool:
             # and renames it into place, which is atomic.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
-            cmd = [os.environ.get("CXX", "g++"), *flags,
+            cmd = [cxx, *flags,
                    f"-I{torch_dir / 'include'}",
                    f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
                    str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",

@@ -151,3 +151,27 @@ def test_serves_the_gguf_closer_to_float32_than_torchs_kernels(smollm2_dir, monk
             assert (ref.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.98
     print(f"mean KL against float32: avx2 {kl['avx2']:.2e}, torch {kl['torch']:.2e}")
     assert kl["avx2"] < kl["torch"] / 4, kl
+
+
+def test_without_a_compiler_torch_kernels_serve(tmp_path, smollm2_dir):
+    """A machine without the compiler: the build fails with a warning and ATen's and Inductor's
+    kernels serve the 4-bit model instead (a fresh process, as load() is cached per process)."""
+    import subprocess
+
+    code = ("import torch\n"
+            "from tandem.quantization import avx2_kernels\n"
+            "from tandem import LLM, SamplingParams\n"
+            "assert not avx2_kernels.load()\n"
+            "llm = LLM(model='smollm2', kv_cache_memory='16MiB', enforce_eager=True)\n"
+            "q = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant\n"
+            "assert not q.avx2 and llm.engine.runner.model.lm_head.quant.avx2_scale is None\n"
+            "out = llm.generate(['Hi'], SamplingParams(temperature=0, max_tokens=4))\n"
+            "print('served', len(out[0].outputs[0].token_ids))\n")
+    # The compiler is part of the build's cache key, so this one is not found built.
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TANDEM_CPU_KERNELS": "auto",
+           "ATEN_CPU_CAPABILITY": "avx2", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served 4" in done.stdout
+    assert "AVX2 kernels unavailable" in done.stderr
