@@ -129,9 +129,11 @@ void rows_mm(const uint8_t* codes, const uint16_t* scale, const uint16_t* mins, 
 
 using RowsFn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, const int16_t*,
                         const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-// NB * M <= 8 chains keeps acc, x and the unpacked codes within AVX2's 16 registers or near.
+// One activation row takes four weight rows at a time (one FMA chain alone waits on latency);
+// from two rows on, one weight row: the SmolLM2 LM head at two rows took 1.5 ms with two
+// weight rows at a time and 0.8 ms with one (benchmarks/q8_head.py, AVX2 variables).
 template <class F>
-constexpr RowsFn kRows[kMaxRows] = {rows_mm<F, 1, 4>, rows_mm<F, 2, 2>, rows_mm<F, 3, 1>,
+constexpr RowsFn kRows[kMaxRows] = {rows_mm<F, 1, 4>, rows_mm<F, 2, 1>, rows_mm<F, 3, 1>,
                                     rows_mm<F, 4, 1>, rows_mm<F, 5, 1>, rows_mm<F, 6, 1>,
                                     rows_mm<F, 7, 1>, rows_mm<F, 8, 1>};
 
