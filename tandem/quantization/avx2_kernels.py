@@ -44,8 +44,10 @@ KERNELS = ("auto", "torch", "avx2")
 NEEDS = ("avx2", "fma", "f16c")
 
 
-def wanted() -> bool:
-    """Whether 4-bit layers and the Q8_0 LM head should use these kernels."""
+def wanted(isas: tuple[str, ...] = ("AVX2",)) -> bool:
+    """Whether to use these kernels where ATen's CPU capability is one of `isas`: 4-bit layers
+    and the Q8_0 LM head take them on AVX2; the head also on AVX-512, above the rows Inductor's
+    kernel serves (weight.prepare_q8)."""
     choice = os.environ.get("TANDEM_CPU_KERNELS", "auto")
     if choice not in KERNELS:
         raise ValueError(f"TANDEM_CPU_KERNELS: must be one of {', '.join(KERNELS)}, "
@@ -57,7 +59,7 @@ def wanted() -> bool:
         if missing:
             raise ValueError(f"TANDEM_CPU_KERNELS=avx2: this CPU lacks {', '.join(missing)}")
         return load()
-    return cpu_isa() == "AVX2" and all(f in cpu_flags() for f in NEEDS) and load()
+    return cpu_isa() in isas and all(f in cpu_flags() for f in NEEDS) and load()
 
 
 def fits_int4(n: int, k: int, group_size: int) -> bool:

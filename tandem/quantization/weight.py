@@ -11,6 +11,7 @@ from tandem.quantization import avx2_kernels
 from tandem.quantization.int4 import int4_matmul, pack_int4
 from tandem.quantization.int8 import int8_matmul, quantize_int8
 from tandem.quantization.q8_0 import (
+    FUSED_ROWS,
     dequantize_q8_0,
     embedding_q8_0,
     q8_0_matmul,
@@ -81,14 +82,15 @@ class Q8Weight:
     scale: torch.Tensor  # float32 [N, K // 32]
     fused: bool = True  # the Inductor kernel for few rows; False under --enforce-eager
     f16: torch.Tensor | None = None  # a float16 copy for few rows, where that kernel is slow
-    avx2_scale: torch.Tensor | None = None  # float16 scales for the AVX2 kernel, which serves all
+    avx2_scale: torch.Tensor | None = None  # float16 scales for the AVX2 kernel
+    avx2_min_rows: int = 1  # which serves steps of this many rows or more
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Q8Weight:
         return cls(*quantize_q8_0(w))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.avx2_scale is not None:
+        if self.avx2_scale is not None and x.shape[0] >= self.avx2_min_rows:
             return avx2_kernels.q8_0_mm(x, self.codes, self.avx2_scale)
         if self.f16 is not None and x.shape[0] <= F16_HEAD_MAX_ROWS:
             return F.linear(x.to(torch.float16), self.f16).to(x.dtype)
@@ -109,23 +111,32 @@ QuantWeight = Int4Weight | Int8Weight | Q8Weight
 @torch.inference_mode()
 def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
     """The LM head's Q8_0 table, by what is fastest on this CPU for a decode step
-    (benchmarks/q8_head.py). With AVX2 only, Tandem's kernel (avx2_kernels.py: 0.9 ms at one row,
-    4.4 at 16, 16 at 64, against 1.3, 19 and 42 for the routes below). With AVX-512,
-    Inductor's fused kernel: compiled for one to PRECOMPILED_ROWS rows (decode batches and
-    speculative verifications) now rather than on the first request (larger steps compile theirs
-    on first use, about a second each), none under --enforce-eager. With AVX2 and without that
-    kernel (TANDEM_CPU_KERNELS=torch, or no compiler), Inductor's kernel's int8 loads are not
-    vectorized (22 ms at one row against 2.7 with AVX-512), so steps of up to F16_HEAD_MAX_ROWS
-    rows read a float16 copy (3.9 ms; top-1 99.8% against the exact head), which costs its
-    memory (counted in weight_bytes)."""
+    (benchmarks/q8_head.py; BENCHMARKS.md, issue 14 seventh step).
+    - AVX2 only: Tandem's kernel (avx2_kernels.py) at every row count: 0.9 ms at one row, 4.4 at
+      16, 16 at 64, against 1.3, 19 and 42 for the routes below.
+    - AVX-512: Inductor's fused kernel up to FUSED_ROWS[-1] rows, compiled for one to
+      PRECOMPILED_ROWS rows (decode batches and speculative verifications) now rather than on the
+      first request (larger steps compile theirs on first use, about a second each); Tandem's
+      kernel above that (15.9 ms at 64 rows against 25.2 for the chunked route) and, under
+      --enforce-eager, at every row count (0.9 ms at one row against 4.3). AMX machines, where
+      it is not measured, keep q8_0_matmul's routes.
+    - AVX2 without that kernel (TANDEM_CPU_KERNELS=torch, or no compiler): Inductor's kernel's
+      int8 loads are not vectorized (22 ms at one row against 2.7 with AVX-512), so steps of up to
+      F16_HEAD_MAX_ROWS rows read a float16 copy (3.9 ms; top-1 99.8% against the exact head),
+      which costs its memory (counted in weight_bytes)."""
     for m in model.modules():
         q = getattr(m, "quant", None)
         if isinstance(q, Q8Weight) and hasattr(m, "lowp"):  # the LM head
             q.fused = not enforce_eager
             cpu = q.codes.device.type == "cpu"
-            if cpu and q.codes.shape[0] % 16 == 0 and avx2_kernels.wanted():
+            ours = cpu and q.codes.shape[0] % 16 == 0
+            if ours and avx2_kernels.wanted():
                 q.avx2_scale = q.scale.half()  # the file's fp16 d: exact
             elif cpu and cpu_isa() not in ("AVX512", "AMX"):
                 q.f16 = dequantize_q8_0(q.codes, q.scale).half()
-            elif q.fused:
-                warm_up_q8_0(q.codes, q.scale, PRECOMPILED_ROWS)
+            else:
+                if ours and avx2_kernels.wanted(("AVX512",)):
+                    q.avx2_scale = q.scale.half()
+                    q.avx2_min_rows = FUSED_ROWS[-1] + 1 if q.fused else 1
+                if q.fused:
+                    warm_up_q8_0(q.codes, q.scale, PRECOMPILED_ROWS)

@@ -175,3 +175,31 @@ def test_without_a_compiler_torch_kernels_serve(tmp_path, smollm2_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "served 4" in done.stdout
     assert "AVX2 kernels unavailable" in done.stderr
+
+
+@pytest.mark.parametrize(("isa", "eager", "first_row"), [
+    ("AVX2", False, 1), ("AVX512", False, 17), ("AVX512", True, 1), ("AMX", False, None)])
+def test_lm_head_route_by_isa(monkeypatch, isa, eager, first_row):
+    """prepare_q8: AVX2 runs the kernel at every row count; AVX-512 above the rows Inductor's
+    fused kernel serves (all of them under --enforce-eager); AMX, unmeasured, keeps its routes."""
+    from torch import nn
+
+    from tandem.quantization import weight
+    from tandem.quantization.weight import Q8Weight, prepare_q8
+
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "auto")
+    monkeypatch.setattr(avx2_kernels, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(weight, "cpu_isa", lambda: isa)
+    warmed = []
+    monkeypatch.setattr(weight, "warm_up_q8_0", lambda *a: warmed.append(a))
+    head = nn.Module()
+    head.quant, head.lowp = Q8Weight(*quantize_q8_0(torch.randn(64, 96))), None
+    prepare_q8(head, enforce_eager=eager)
+    q = head.quant
+    assert (q.avx2_scale is not None) == (first_row is not None)
+    assert q.f16 is None and bool(warmed) == (isa != "AVX2" and not eager)
+    if first_row is not None:
+        assert q.avx2_min_rows == first_row
+        x = torch.randn(first_row, 96)
+        torch.testing.assert_close(q(x), avx2_kernels.q8_0_mm(x, q.codes, q.avx2_scale),
+                                   rtol=0, atol=0)
