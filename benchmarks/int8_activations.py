@@ -50,12 +50,11 @@ def main() -> None:
     common = {"model": "smollm2", "dtype": "float32", "enable_prefix_caching": False,
               "kv_cache_memory": "256MiB", "enforce_eager": True,
               "max_num_batched_tokens": max(2048, args.window_len + 1)}
-    ref = Scorer(LLM(**common, quantization="none"))
     llm = LLM(**common, quantization="none")  # the GGUF's weights dequantized to float32
     scorer = Scorer(llm)
     ids = corpus_ids(llm.tokenizer, args.windows * args.window_len)
     windows = [ids[i * args.window_len:(i + 1) * args.window_len] for i in range(args.windows)]
-    refs = [ref.logprobs(w)[:-1] for w in windows]
+    refs = [scorer.logprobs(w)[:-1] for w in windows]  # before project() is replaced below
     weights: dict[tuple[int, int], torch.Tensor] = {}
 
     def score(wb: int, ab: int) -> tuple[float, float]:

@@ -144,8 +144,9 @@ at::Tensor mm(const at::Tensor& x, const uint8_t* codes, const uint16_t* scale,
               const uint16_t* mins, int64_t n) {
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
-  std::vector<int16_t> xi(m * k);
-  std::vector<float> xs(m), gsum(m * (k / kGroup));
+  const int64_t block = std::min(kMaxRows, m);  // rows quantized at a time: buffers for those
+  std::vector<int16_t> xi(block * k);
+  std::vector<float> xs(block), gsum(block * (k / kGroup));
   float* out = y.data_ptr<float>();
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, m - r0);

@@ -1,5 +1,5 @@
-"""Tandem's CPU kernels for 4-bit and Q8_0 weights on machines whose best ISA is AVX2
-(avx2_kernels.cpp).
+"""Tandem's CPU kernels for 4-bit and Q8_0 weights where ATen runs its AVX2 path, and for the
+Q8_0 LM head's many-row steps with AVX-512 (avx2_kernels.cpp; see wanted()).
 
 Why they exist (ARCHITECTURE.md allows hand-written kernels for a measured gap): ATen's int4
 kernel runs its AVX2 path at 2.2x its AVX-512 time, 5.5 ms of a one-row SmolLM2 step against
@@ -13,8 +13,8 @@ row's largest value). Groups of 32; for 4 bits K a multiple of 64, as a 32-byte 
 weights (pack_int4()).
 
 Built on first use with the C++ compiler Inductor uses (g++, or $CXX), against this torch, into
-$TANDEM_CACHE/kernels/ (about 8 s on 2 cores, once per source and torch version). Where the
-build fails, the ATen kernel serves and a warning says why.
+$TANDEM_CACHE/kernels/ (6.5 s on 2 cores, once per source, torch version and compiler). Where
+the build fails, ATen's and Inductor's kernels serve and a warning says why.
 """
 from __future__ import annotations
 
