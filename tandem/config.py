@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.attention.backend import BACKENDS
 from tandem.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -61,6 +62,9 @@ class EngineConfig:
     # compilation explicitly.
     enforce_eager: bool = dataclasses.field(
         default_factory=lambda: _env_flag("TANDEM_ENFORCE_EAGER"))
+    # auto: triton on CUDA, torch elsewhere (attention/backend.py)
+    attention_backend: str = "auto"
+    max_cudagraph_batch: int = 256  # decode steps of up to this many rows replay CUDA graphs
     seed: int = 0
     tensor_parallel_size: int = 1
     nnodes: int = 1
@@ -92,7 +96,8 @@ class EngineConfig:
         if (self.kv_store or self.kv_host_memory) and not self.enable_prefix_caching:
             raise ValueError("kv_store: the KV tiers hold prefix-cached blocks; they need "
                              "prefix caching on")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs",
+                     "max_cudagraph_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -138,6 +143,13 @@ class EngineConfig:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend: must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if (self.attention_backend == "triton" and self.torch_device.type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError("attention_backend: triton runs on CUDA (on the CPU only under "
+                             "Triton's interpreter, TRITON_INTERPRET=1, for tests)")
 
     @property
     def ranks_per_node(self) -> int:
@@ -272,8 +284,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                        help="longest prompt plus output, in tokens (default: the model's "
                             "context length)")
     model.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
-                       help="run the model eagerly: no torch.compile of the decode step "
-                            "(default: off; on where TANDEM_ENFORCE_EAGER=1)")
+                       help="run the model eagerly: no torch.compile of the decode step on "
+                            "CPU, no CUDA graphs on GPU (default: off; on where "
+                            "TANDEM_ENFORCE_EAGER=1)")
+    model.add_argument("--attention-backend", default=d.attention_backend, choices=BACKENDS,
+                       help="triton: this repo's paged-attention kernels (GPU); torch: the "
+                            "PyTorch reference; auto: triton on CUDA, torch elsewhere")
+    model.add_argument("--max-cudagraph-batch", type=int, default=d.max_cudagraph_batch,
+                       help="on CUDA, decode steps of up to this many rows replay CUDA graphs "
+                            "captured at start (off with --enforce-eager)")
     model.add_argument("--seed", type=int, default=d.seed, help="seed of the engine's sampling")
 
     cache = argument_group(p, "KV cache")

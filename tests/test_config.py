@@ -67,6 +67,7 @@ def test_engine_config_defaults_and_size_parsing():
     ("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("max_model_len", 0),
     ("dtype", "float8"), ("dtype", "fp32"), ("device", "tpu"), ("device", "cuda0"),
     ("kv_cache_memory", "lots"), ("kv_cache_memory", 0),
+    ("attention_backend", "flash"), ("max_cudagraph_batch", 0), ("max_cudagraph_batch", 1.5),
 ])
 def test_engine_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}: "):
@@ -135,16 +136,34 @@ def test_default_kv_cache_memory_on_cpu():
     assert isinstance(n, int) and 0 < n <= 2 * 1024**3
 
 
+def test_triton_attention_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"^attention_backend: triton runs on CUDA"):
+        EngineConfig(device="cpu", attention_backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert EngineConfig(device="cpu", attention_backend="triton").attention_backend == "triton"
+
+
+def test_attention_backend_auto_is_triton_on_cuda_only():
+    from tandem.attention.backend import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+
+
 def test_from_args_maps_cli_flags_to_fields():
     args = build_parser().parse_args([
         "generate", "--prompt", "hi", "--model", "/m", "--dtype", "float32", "--device", "cpu",
         "--kv-cache-memory", "64MiB", "--block-size", "8", "--max-num-batched-tokens", "128",
-        "--max-num-seqs", "4", "--max-model-len", "256", "--no-prefix-caching", "--seed", "3"])
+        "--max-num-seqs", "4", "--max-model-len", "256", "--no-prefix-caching", "--seed", "3",
+        "--attention-backend", "torch", "--max-cudagraph-batch", "64"])
     c = EngineConfig.from_args(args)
     assert c == EngineConfig(model="/m", dtype="float32", device="cpu",
                              kv_cache_memory=64 * 1024**2, block_size=8,
                              max_num_batched_tokens=128, max_num_seqs=4, max_model_len=256,
-                             enable_prefix_caching=False, seed=3)
+                             enable_prefix_caching=False, seed=3, attention_backend="torch",
+                             max_cudagraph_batch=64)
     defaults = EngineConfig.from_args(build_parser().parse_args(["generate", "--prompt", "x"]))
     assert defaults == EngineConfig()
 

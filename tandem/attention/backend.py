@@ -9,6 +9,10 @@ from tandem.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(ABC):
+    # Whether decodes read metadata.decode_mask (a [1, decodes, 1, width] additive mask); a
+    # backend that stops at each row's length reads decode_lens instead, and the mask is not built.
+    decode_mask: bool = True
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -18,6 +22,20 @@ class AttentionBackend(ABC):
         scales: [KVH, num_blocks, block_size] for a float8 cache, else None. Returns [T, H, D]."""
 
 
-def get_backend(device: torch.device) -> AttentionBackend:
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """auto: Triton's kernels on CUDA, the torch reference elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend called `name` (torch or triton, as resolve_backend gives)."""
+    if name == "triton":
+        from tandem.attention.triton import TritonAttention
+        return TritonAttention()
     from tandem.attention.torch_ref import TorchAttention
     return TorchAttention()

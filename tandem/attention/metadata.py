@@ -20,6 +20,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]: where each new token's K/V is written
     num_decode: int = 0  # the flat batch starts with this many one-token decodes
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks], padded
+    decode_lens: torch.Tensor | None = None  # [num_decode]: tokens each decode attends to
     decode_mask: torch.Tensor | None = None  # [1, num_decode, 1, max_blocks * block_size], 0/-inf
     prefills: list[PrefillSeq] = field(default_factory=list)
 

@@ -45,15 +45,23 @@ class TorchAttention(AttentionBackend):
                       else F.scaled_dot_product_attention)
             o = attend(qd, keys, values, attn_mask=meta.decode_mask)
             out[:nd] = o.transpose(0, 1).reshape(nd, -1, head_dim)
-        for p in meta.prefills:
-            rows = slice(p.q_start, p.q_start + p.q_len)
-            qs = q[rows].transpose(0, 1)
-            if p.mask is None:  # nothing cached: attend to the new tokens only
-                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            else:
-                keys = read(k_cache, k_scale, p.block_table, q.dtype)[:, :p.context_len]
-                values = read(v_cache, v_scale, p.block_table, q.dtype)[:, :p.context_len]
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=p.mask,
-                                               is_causal=p.mask is None, enable_gqa=True)
-            out[rows] = o.transpose(0, 1)
+        attend_prefills(q, k, v, k_cache, v_cache, meta, k_scale, v_scale, out)
         return out
+
+
+def attend_prefills(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Each prefill chunk through SDPA, into its rows of `out`; k, v as the cache holds them
+    (already written)."""
+    for p in meta.prefills:
+        rows = slice(p.q_start, p.q_start + p.q_len)
+        qs = q[rows].transpose(0, 1)
+        if p.mask is None:  # nothing cached: attend to the new tokens only
+            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+        else:
+            keys = read(k_cache, k_scale, p.block_table, q.dtype)[:, :p.context_len]
+            values = read(v_cache, v_scale, p.block_table, q.dtype)[:, :p.context_len]
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=p.mask,
+                                           is_causal=p.mask is None, enable_gqa=True)
+        out[rows] = o.transpose(0, 1)

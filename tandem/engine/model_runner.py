@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from tandem.attention.backend import get_backend
+from tandem.attention.backend import get_backend, resolve_backend
 from tandem.attention.kv_quant import SCALE_DTYPE, is_fp8
 from tandem.attention.layer import Attention
 from tandem.attention.metadata import AttentionMetadata, PrefillSeq, set_metadata
@@ -19,6 +19,7 @@ from tandem.config import (
 from tandem.distributed.group import TPGroup
 from tandem.distributed.step import StepInputs
 from tandem.engine.compile import compile_model, step_stance
+from tandem.engine.graph_runner import MASKED_GRAPH_TOKENS, GraphRunner
 from tandem.engine.kv_cache import cdiv
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -53,9 +54,10 @@ class ModelRunner:
             add_decode_copies(self.model, decode_dtype)
         self.sampler = Sampler()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        backend = get_backend(self.device)
+        self.attention_backend = resolve_backend(config.attention_backend, self.device)
+        self.backend = get_backend(self.attention_backend)
         for layer in self.attn_layers:
-            layer.backend = backend
+            layer.backend = self.backend
         memory = config.kv_cache_memory or default_kv_cache_memory(self.device)
         # Every rank holds its own heads of the same blocks: the smallest pool decides.
         self.num_blocks = num_blocks or self.group.all_reduce_min(memory // self.bytes_per_block)
@@ -63,7 +65,9 @@ class ModelRunner:
             raise ValueError(f"kv_cache_memory: {memory} bytes hold no block of "
                              f"{self.bytes_per_block} bytes")
         a = self.attn_layers[0]
-        shape = (2, len(self.attn_layers), a.num_kv_heads, self.num_blocks, self.block_size)
+        # One block more than the pool: the sink, where padded rows of a captured decode step
+        # write their K/V (graph_runner.py). No request owns it.
+        shape = (2, len(self.attn_layers), a.num_kv_heads, self.num_blocks + 1, self.block_size)
         # Zeroed, not empty: padded gathers read unused blocks, and NaN garbage survives masking.
         # Stored layer-major, so that a layer's K and V are one contiguous tensor: a compiled
         # graph that writes it in place (attention/paged_decode.py) must not take two aliasing
@@ -81,6 +85,13 @@ class ModelRunner:
                 layer.k_scale, layer.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
         self.compiled = compile_model(self, config)
         prepare_q8(self.model, config.enforce_eager)
+        self.graphs: GraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_len = config.max_model_len or hf_config.max_position_embeddings
+            if self.backend.decode_mask:  # it attends to the whole captured width every step
+                max_len = min(max_len, MASKED_GRAPH_TOKENS)
+            self.graphs = GraphRunner(self, config.max_cudagraph_batch,
+                                      min(cdiv(max_len, self.block_size), self.num_blocks))
 
     @functools.cached_property
     def weight_bytes(self) -> int:
@@ -161,11 +172,14 @@ class ModelRunner:
         meta = AttentionMetadata(inp.slots, inp.decode_lens.numel())
         if meta.num_decode:
             width = inp.decode_tables.shape[1]
-            meta.decode_block_tables = inp.decode_tables
-            meta.decode_mask = additive((torch.arange(width * bs, device=dev)[None, :]
-                                         < inp.decode_lens[:, None])[None, :, None, :], self.dtype)
+            meta.decode_block_tables, meta.decode_lens = inp.decode_tables, inp.decode_lens
+            if self.backend.decode_mask:
+                meta.decode_mask = additive((torch.arange(width * bs, device=dev)[None, :]
+                                             < inp.decode_lens[:, None])[None, :, None, :],
+                                            self.dtype)
         at = 0
-        for q_start, n, start in inp.prefills.tolist():
+        # (no .tolist() of an empty tensor: a copy to the host is not allowed in a graph capture)
+        for q_start, n, start in inp.prefills.tolist() if inp.prefills.numel() else ():
             nb = cdiv(start + n, bs)
             mask = None
             if start:  # causal past the cached tokens
@@ -188,18 +202,25 @@ class ModelRunner:
         torch._dynamo.maybe_mark_dynamic(tables, 1)  # one graph for every context length
         return inp.slots, tables, inp.decode_lens
 
-    @torch.inference_mode()
-    def run(self, inp: StepInputs) -> torch.Tensor | None:
-        """The forward pass; on rank 0 the logits of the sampled rows, then of the prompt rows
-        (None on other ranks)."""
+    def hidden_states(self, inp: StepInputs) -> torch.Tensor:
+        """The forward pass, eagerly (or through torch.compile's graphs on the CPU)."""
         meta = self.metadata(inp)
         set_metadata(meta)
         try:
             with step_stance(self.compiled):
-                hidden = self.model(inp.input_ids, inp.positions,
-                                    self.decode_inputs(inp, meta) if self.compiled else ())
+                return self.model(inp.input_ids, inp.positions,
+                                  self.decode_inputs(inp, meta) if self.compiled else ())
         finally:
             set_metadata(None)
+
+    @torch.inference_mode()
+    def run(self, inp: StepInputs) -> torch.Tensor | None:
+        """The forward pass, replayed from a CUDA graph where one fits the step; on rank 0 the
+        logits of the sampled rows, then of the prompt rows (None on other ranks)."""
+        if self.graphs is not None and self.graphs.fits(inp):
+            hidden = self.graphs.run(inp)
+        else:
+            hidden = self.hidden_states(inp)
         rows = inp.sample_rows
         if inp.prompt_rows.numel():
             rows = torch.cat([rows, inp.prompt_rows])
