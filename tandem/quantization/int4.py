@@ -1,4 +1,5 @@
-"""Group-wise 4-bit weights for PyTorch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`).
+"""Group-wise 4-bit weights for PyTorch's int4 kernels: `aten._weight_int4pack_mm_for_cpu` on the
+CPU, tinygemm (`aten._weight_int4pack_mm`) on CUDA.
 
 A weight [N, K] is stored as codes 0..15 plus one scale and one zero per `group_size` columns,
 in the kernel's own convention: w = (code - 8) * scale + zero.
@@ -34,15 +35,25 @@ def _check_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed [N, K // 2] uint8, scales_and_zeros [K // group_size, N, 2] bfloat16), ready for
-    `int4_matmul`. The packed layout is the op's own and depends on the CPU it runs on (AVX-512
-    packs 64-row blocks, AVX2 32-row ones), so pack at load time and never store the result."""
+    """(packed weight, scales_and_zeros [K // group_size, N, 2] bfloat16), ready for
+    `int4_matmul` on the codes' device. The packed layout is the op's own and depends on where it
+    runs (AVX-512 packs 64-row blocks, AVX2 32-row ones, CUDA tiles of 8 rows), so pack at load
+    time and never store the result."""
     _check_codes(codes, scale, zero, group_size)
     if codes.shape[0] % 16:
         raise ValueError(f"codes: the kernel needs N (rows, {codes.shape[0]}) divisible by 16")
-    # The op takes the unpacked codes as int32 [N, K]; its inner_k_tiles argument is unused on CPU.
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    # bfloat16 because the op wants scales in the activations' dtype, and only bfloat16
+    if codes.is_cuda:
+        # tinygemm takes two codes a byte, the even column in the high nibble, and tiles K by
+        # 16 * inner_k_tiles: the largest tiling K allows (group sizes make K % 32 == 0).
+        c = codes.to(torch.int32)
+        pairs = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8)
+        tiles = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+    else:
+        # The CPU op takes the codes as int32 [N, K]; its inner_k_tiles argument is unused.
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    # bfloat16 because the op wants scales in the activations' dtype (tinygemm takes only
+    # bfloat16), and on the CPU only bfloat16
     # activations take its vectorized AVX-512/AVX2 path: float32 and float16 run a scalar loop,
     # 27-70x slower here (576x1536, one thread: 57 us vs 1.5 ms at 1 row, 0.35 vs 25 ms at 16).
     scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1)
@@ -52,8 +63,9 @@ def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x [M, K] @ w.T -> [M, N] in x.dtype, computed on bfloat16 activations (see pack_int4)."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16).contiguous(), packed, group_size, scales_and_zeros)
+    op = (torch.ops.aten._weight_int4pack_mm if x.is_cuda
+          else torch.ops.aten._weight_int4pack_mm_for_cpu)
+    y = op(x.to(torch.bfloat16).contiguous(), packed, group_size, scales_and_zeros)
     return y.to(x.dtype)
 
 

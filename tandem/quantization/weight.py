@@ -127,8 +127,9 @@ def prepare_q8(model: torch.nn.Module, enforce_eager: bool) -> None:
     for m in model.modules():
         q = getattr(m, "quant", None)
         if isinstance(q, Q8Weight) and hasattr(m, "lowp"):  # the LM head
-            q.fused = not enforce_eager
             cpu = q.codes.device.type == "cpu"
+            # Elsewhere (CUDA) the chunked route: dequantize a slice, then one GEMM.
+            q.fused = cpu and not enforce_eager
             ours = cpu and q.codes.shape[0] % 16 == 0
             if ours and avx2_kernels.wanted():
                 q.avx2_scale = q.scale.half()  # the file's fp16 d: exact
