@@ -30,14 +30,23 @@ SHAPES = {
 
 
 def write_random_model(shape: str, out: str, tokenizer_from: str, seed: int = 0,
-                       vocab_size: int | None = None) -> str:
+                       vocab_size: int | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> str:
+    """Write the checkpoint (and the tokenizer files of `tokenizer_from`) into `out`.
+
+    `device`: where the weights are initialised: a 1B model's 1.2B normal draws take ~8 s on
+    2 CPU cores (100M in 0.63 s) and a fraction of a second on a GPU (the values differ between
+    devices for one seed; a speed run does not care). `dtype`: the saved files' (bfloat16 halves a 1B
+    model's 5 GB of float32)."""
     cfg = dict(SHAPES[shape])
     if vocab_size:
         cfg["vocab_size"] = vocab_size
     torch.manual_seed(seed)
     # A wider init than HF's 0.02 keeps greedy choices away from float ties.
-    model = LlamaForCausalLM(LlamaConfig(**cfg, initializer_range=0.05, bos_token_id=1,
-                                         eos_token_id=2, pad_token_id=2))
+    config = LlamaConfig(**cfg, initializer_range=0.05, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)  # float32 draws, as on the CPU, then cast
     model.save_pretrained(out, safe_serialization=True)
     for f in glob.glob(os.path.join(tokenizer_from, "*token*")) + glob.glob(
             os.path.join(tokenizer_from, "*.jinja")):
@@ -52,9 +61,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="override (must cover the tokenizer's ids)")
+    p.add_argument("--device", default="cpu", help="where to initialise the weights")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
     print(write_random_model(args.shape, args.out, args.tokenizer_from,
-                             vocab_size=args.vocab_size))
+                             vocab_size=args.vocab_size, device=args.device,
+                             dtype=getattr(torch, args.dtype)))
 
 
 if __name__ == "__main__":
