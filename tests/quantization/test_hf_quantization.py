@@ -126,6 +126,10 @@ def test_auto_serves_a_gguf_model_at_4_bits_and_a_folder_dense(smollm2_dir, tiny
     assert resolve_quantization(smollm2_dir, smollm2_dir, "auto", CPU) == "none"
     assert resolve_quantization("smollm2", smollm2_dir, "auto", torch.device("cuda")) == "none"
     assert resolve_quantization(smollm2_dir, smollm2_dir, "int8", CPU) == "int8"
+    # On CUDA: int4 packs for tinygemm; int8 has no CUDA route yet
+    assert resolve_quantization(smollm2_dir, smollm2_dir, "int4", torch.device("cuda")) == "int4"
+    with pytest.raises(ValueError, match=r"^quantization: 'int8' runs on the CPU only"):
+        resolve_quantization(smollm2_dir, smollm2_dir, "int8", torch.device("cuda"))
     llm = LLM(model="smollm2", kv_cache_memory="16MiB")
     assert llm.engine.config.quantization == "gguf"
     assert llm.engine.runner.model.model.layers[0].mlp.down_proj.quant is not None
